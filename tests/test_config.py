@@ -1,0 +1,133 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tada_dist.config import (
+    Config,
+    ConfigError,
+    build_config,
+    flatten,
+    load_saved_config,
+    save_config,
+    to_dict,
+    valid_keys,
+)
+from tada_dist.deepspeed_config import deepspeed_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_match_the_shipped_default_yaml():
+    shipped = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    assert shipped == to_dict(Config())
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path, tmp_path):
+    config = build_config(path, [f"data.root={tmp_path}"])
+    assert config.data.root == str(tmp_path)
+
+
+def test_yaml_then_overrides_win(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("method: dann\noptim:\n  lr: 0.05\ntrain:\n  steps: 10\n")
+    config = build_config(file, ["optim.lr=0.003", "data.flip=true", "model.pretrained=null", "seed=7"])
+    assert config.method == "dann"
+    assert config.optim.lr == pytest.approx(0.003)
+    assert config.train.steps == 10
+    assert config.data.flip is True
+    assert config.model.pretrained is None
+    assert config.seed == 7
+
+
+def test_required_keys_exist():
+    keys = set(valid_keys())
+    for key in ("method", "seed", "data.root", "data.source", "data.target", "train.steps", "output_dir",
+                "tracking.uri", "tracking.enabled", "kernels.backend"):
+        assert key in keys
+
+
+def test_unknown_key_names_itself_and_closest_keys():
+    with pytest.raises(ConfigError) as err:
+        build_config(None, ["optim.lrr=0.1"])
+    message = str(err.value)
+    assert "'optim.lrr'" in message and "optim.lr" in message
+    assert "\n" not in message
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    file = tmp_path / "bad.yaml"
+    file.write_text("data:\n  sauce: mnist\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.sauce'.*data.source"):
+        build_config(file)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("method=tadaa", "allowed: source_only, dann, tada_local, tada_global, tada"),
+        ("optim.lr=-1", "'optim.lr' has value -1; expected > 0"),
+        ("train.steps=abc", "'train.steps' must be an integer, got 'abc'"),
+        ("data.flip=maybe", "'data.flip' must be true or false"),
+        ("distributed.zero_stage=3", "allowed: 0, 1, 2"),
+        ("model.dropout=1.0", "expected < 1.0"),
+        ("kernels.backend=cuda", "allowed: auto, eager, triton"),
+        ("data=3", "is a section"),
+        ("optim.lr", "not of the form key=value"),
+    ],
+)
+def test_bad_values_are_one_line_errors(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        build_config(None, [override])
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        build_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(bad)
+
+
+def test_missing_data_root_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="data.root' points to a missing folder"):
+        build_config(None, [f"data.root={tmp_path / 'absent'}"])
+
+
+def test_crop_larger_than_resize_is_rejected():
+    with pytest.raises(ConfigError, match="data.crop"):
+        build_config(None, ["data.resize=24"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = build_config(None, ["method=tada_local", "optim.lr=0.02", "tracking.uri=sqlite:///x.db"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_saved_config(tmp_path / "config.yaml") == config
+
+
+def test_default_output_dir_names_the_pair_and_method():
+    config = build_config(None, ["data.source=mnist", "data.target=mnist_m", "method=dann", "seed=3"])
+    assert config.resolved_output_dir() == Path("runs/mnist_to_mnist_m/dann-seed3")
+
+
+def test_flatten_for_mlflow_params():
+    flat = flatten(to_dict(Config()))
+    assert flat["optim.lr"] == 0.01
+    assert flat["method"] == "tada"
+    assert set(flat) == set(valid_keys())
+
+
+def test_deepspeed_config_is_derived_from_ours():
+    config = build_config(None, ["data.batch_size=16", "distributed.grad_accum=3", "distributed.zero_stage=2",
+                                 "distributed.precision=bf16", "optim.grad_clip=5"])
+    ds = deepspeed_config(config, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 16 * 3 * 4
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"]["enabled"] is True
+    assert ds["gradient_clipping"] == 5.0
