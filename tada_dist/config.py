@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-METHODS = ("source_only", "dann", "tada_local", "tada_global", "tada")
+from tada_dist.model.tada import METHODS
 
 
 class ConfigError(ValueError):
@@ -128,7 +128,7 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
-    method: str = _choice("tada", METHODS, "which terms of eq. 9 are trained")
+    method: str = _choice("tada", tuple(METHODS), "which terms of eq. 9 are trained")
     seed: int = _non_negative(0)
     output_dir: str = field(default="", metadata={"doc": "empty: runs/<source>_to_<target>/<method>-seed<seed>"})
     data: DataConfig = field(default_factory=DataConfig)

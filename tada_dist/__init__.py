@@ -1,0 +1,1 @@
+"""tada-dist: distributed training of TADA (Transferable Attention for Domain Adaptation)."""
