@@ -1,0 +1,143 @@
+"""NVIDIA DALI loaders: images are decoded, resized, cropped and normalized inside a DALI pipeline.
+
+The pipeline's input is an external source that this module feeds with the encoded file bytes of
+the batches our own sampler picks, rather than a DALI reader, so that the training position is ours
+to save and restore exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from nvidia.dali import fn, types
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import feed_ndarray
+from nvidia.dali.tensors import TensorListCPU, TensorListGPU
+
+from tada_dist.data.domain import Domain
+from tada_dist.data.loader import EvalLoader, TrainLoader, torch_device
+from tada_dist.data.sampler import LookaheadSampler, ShardedSampler
+from tada_dist.data.transforms import TransformSpec
+
+# Batches DALI prepares ahead of the one being consumed: enough to overlap decoding with a training
+# step, few enough to keep memory small.
+_PREFETCH_DEPTH = 2
+
+EncodedBatch = tuple[list[np.ndarray], list[np.ndarray]]
+
+
+class DaliTrainLoader(TrainLoader):
+    def __init__(self, domain: Domain, sampler: ShardedSampler, transform: TransformSpec, *, device: str,
+                 num_threads: int):
+        super().__init__(sampler)
+        self._domain = domain
+        self._batch_size = sampler.batch_size
+        self._transform = transform
+        self._device = device
+        self._num_threads = num_threads
+        self._restart()
+
+    def _produce_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self._pipeline.run()
+        return _to_torch(images, torch.float32, self._device), _to_torch(labels, torch.int64, self._device)
+
+    def _restart(self) -> None:
+        # A fresh pipeline is the only way to drop DALI's prefetched batches.
+        self._pipeline = None  # frees the old pipeline's threads and buffers before the new one allocates
+        self._pipeline = _build_pipeline(
+            SampledBatchReader(self._domain, self._sampler), batch_info=False, batch_size=self._batch_size,
+            transform=self._transform, train=True, device=self._device, num_threads=self._num_threads,
+            seed=self._augmentation_seed(),
+        )
+
+
+class SampledBatchReader:
+    """The train pipeline's external source. DALI calls it up to the prefetch depth ahead of next();
+    the lookahead sampler keeps track. It holds no reference to the loader, so that dropping a loader
+    frees its pipeline (and the pipeline's threads) at once instead of at the next garbage collection."""
+
+    def __init__(self, domain: Domain, sampler: LookaheadSampler):
+        self._domain = domain
+        self._sampler = sampler
+
+    def __call__(self) -> EncodedBatch:
+        return _encoded_batch(self._domain.files, self._domain.labels, self._sampler.draw())
+
+
+class DaliEvalLoader(EvalLoader):
+    def __init__(self, domain: Domain, transform: TransformSpec, *, batch_size: int, rank: int, world_size: int,
+                 device: str, num_threads: int):
+        super().__init__(domain, batch_size=batch_size, rank=rank, world_size=world_size)
+        self._transform = transform
+        self._device = device
+        self._num_threads = num_threads
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.files:
+            return
+        # One pipeline per pass: a pass abandoned half-way leaves nothing behind for the next one.
+        pipeline = _build_pipeline(
+            self._read_batch, batch_info=True, batch_size=self.batch_size, transform=self._transform, train=False,
+            device=self._device, num_threads=self._num_threads, seed=0,
+        )
+        while True:
+            try:
+                images, labels = pipeline.run()
+            except StopIteration:
+                return
+            yield _to_torch(images, torch.float32, self._device), _to_torch(labels, torch.int64, self._device)
+
+    def _read_batch(self, batch_info: types.BatchInfo) -> EncodedBatch:
+        start = batch_info.iteration * self.batch_size
+        if start >= len(self.files):
+            raise StopIteration  # the pass is over; the last batch may have been partial
+        positions = range(start, min(start + self.batch_size, len(self.files)))
+        return _encoded_batch(self.files, self.labels, positions)
+
+
+def _encoded_batch(files: list[str], labels: list[int], positions: Sequence[int]) -> EncodedBatch:
+    return (
+        [np.fromfile(files[i], dtype=np.uint8) for i in positions],
+        [np.array(labels[i], dtype=np.int64) for i in positions],
+    )
+
+
+def _build_pipeline(source: Callable, *, batch_info: bool, batch_size: int, transform: TransformSpec, train: bool,
+                    device: str, num_threads: int, seed: int) -> Pipeline:
+    """external source (bytes, label) -> decode RGB -> resize shorter side -> crop (+ flip) -> normalize, CHW."""
+    on_gpu = device == "gpu"
+    pipeline = Pipeline(
+        batch_size=batch_size, num_threads=num_threads, device_id=torch.cuda.current_device() if on_gpu else None,
+        seed=seed, prefetch_queue_depth=_PREFETCH_DEPTH,
+    )
+    with pipeline:
+        encoded, labels = fn.external_source(
+            source=source, num_outputs=2, batch=True, batch_info=batch_info, dtype=[types.UINT8, types.INT64],
+        )
+        images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=transform.resize)
+        if train:
+            crop_x, crop_y = fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))
+            mirror = fn.random.coin_flip() if transform.flip else 0
+        else:
+            crop_x, crop_y, mirror = 0.5, 0.5, 0
+        images = fn.crop_mirror_normalize(
+            images, crop=(transform.crop, transform.crop), crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=mirror,
+            mean=[255.0 * m for m in transform.mean], std=[255.0 * s for s in transform.std],
+            dtype=types.FLOAT, output_layout="CHW",
+        )
+        pipeline.set_outputs(images, labels)
+    pipeline.build()
+    return pipeline
+
+
+def _to_torch(batch: TensorListCPU | TensorListGPU, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Copies a DALI batch into a new torch tensor (DALI reuses its output buffers on the next run()).
+    Labels come out of DALI on the CPU even in GPU mode, so they are moved afterwards."""
+    dense = batch.as_tensor()
+    on_gpu = isinstance(batch, TensorListGPU)
+    tensor = torch.empty(dense.shape(), dtype=dtype, device=torch_device("gpu") if on_gpu else torch.device("cpu"))
+    feed_ndarray(dense, tensor, cuda_stream=torch.cuda.current_stream() if on_gpu else None)
+    return tensor.to(torch_device(device), non_blocking=True)

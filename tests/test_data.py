@@ -1,0 +1,472 @@
+"""Data domains, sharded sampling, the DALI and torch loaders, and the generated dataset.
+
+Every dataset here is a handful of tiny PNGs written into tmp_path. In most images the red channel
+is one flat value that encodes which image it is, so a batch can be traced back to the exact files
+it came from whatever the crop; the blue channel is noise, so that crops and flips show.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tada_dist.data import (
+    DataError,
+    Domain,
+    ShardedSampler,
+    TransformSpec,
+    check_same_classes,
+    create_eval_loader,
+    create_train_loader,
+    ensure_synthetic_dataset,
+    load_domain,
+)
+
+BACKENDS = ("dali", "torch")
+# Mean 0 and std 1 leave pixel values in [0, 1], so the id in the red channel reads back exactly.
+IDENTITY_NORMALIZE = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+
+
+def write_png(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (12, 12), mode: str = "RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour if mode == "RGB" else colour[0]).save(path)
+    return path
+
+
+def write_id_image(path: Path, image_id: int, size: tuple[int, int]) -> None:
+    width, height = size
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    pixels[:, :, 0] = 10 + 15 * image_id
+    pixels[:, :, 1] = 200
+    pixels[:, :, 2] = np.random.default_rng(image_id).integers(0, 256, size=(height, width))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def ids_in(images: torch.Tensor) -> list[int]:
+    """Reads back the image ids that write_id_image() put in the red channel."""
+    red = images[:, 0].mean(dim=(1, 2)) * 255.0
+    return [round((value - 10.0) / 15.0) for value in red.tolist()]
+
+
+def id_image_domain(root: Path, num_images: int, num_classes: int, size: tuple[int, int] = (12, 12)) -> Domain:
+    """Image i belongs to class i % num_classes, so its label follows from its id."""
+    for image_id in range(num_images):
+        write_id_image(root / f"class{image_id % num_classes}" / f"{image_id:03d}.png", image_id, size)
+    return load_domain(root)
+
+
+def _id_from_name(file: str) -> int:
+    return int(Path(file).stem)
+
+
+def label_of(domain: Domain, image_id: int) -> int:
+    return domain.labels[[_id_from_name(f) for f in domain.files].index(image_id)]
+
+
+# ---------------------------------------------------------------------------------------------- domains
+
+
+def test_image_folder_lists_images_by_sorted_class(tmp_path):
+    write_png(tmp_path / "dom" / "zebra" / "a.PNG", (1, 2, 3))
+    write_png(tmp_path / "dom" / "apple" / "nested" / "b.png", (1, 2, 3))
+    write_png(tmp_path / "dom" / "apple" / "c.JPG", (1, 2, 3))
+    (tmp_path / "dom" / "apple" / "notes.txt").write_text("not an image")
+
+    domain = load_domain(tmp_path / "dom")
+
+    assert domain.name == "dom"
+    assert domain.classes == ["apple", "zebra"]
+    assert [Path(f).name for f in domain.files] == ["c.JPG", "b.png", "a.PNG"]
+    assert domain.labels == [0, 0, 1]
+    assert all(Path(f).is_absolute() for f in domain.files)
+
+
+def test_image_folder_takes_the_given_class_order(tmp_path):
+    write_png(tmp_path / "dom" / "a" / "1.png", (1, 2, 3))
+    write_png(tmp_path / "dom" / "b" / "1.png", (1, 2, 3))
+    domain = load_domain(tmp_path / "dom", classes=["b", "a"])
+    assert domain.classes == ["b", "a"]
+    assert domain.labels == [0, 1]
+
+
+def test_image_list_resolves_paths_against_the_list_folder(tmp_path):
+    relative = write_png(tmp_path / "images" / "x.png", (1, 2, 3))
+    absolute = write_png(tmp_path / "elsewhere" / "y z.png", (1, 2, 3))
+    list_file = tmp_path / "lists" / "amazon.txt"
+    list_file.parent.mkdir()
+    list_file.write_text(f"../images/x.png 2\n\n{absolute} 0\n")
+
+    domain = load_domain(list_file)
+
+    assert domain.name == "amazon"
+    assert domain.files == [str(relative), str(absolute)]
+    assert domain.labels == [2, 0]
+    assert domain.classes == ["0", "1", "2"]
+    assert load_domain(list_file, classes=["back_pack", "bike", "calculator"]).classes[2] == "calculator"
+
+
+def _missing_domain(tmp_path: Path) -> tuple[Path, str]:
+    return tmp_path / "nowhere", "nowhere"
+
+
+def _no_class_folders(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "flat").mkdir()
+    write_png(tmp_path / "flat" / "lonely.png", (1, 2, 3))  # images directly in the domain folder
+    return tmp_path / "flat", "no class subfolders"
+
+
+def _empty_class_folder(tmp_path: Path) -> tuple[Path, str]:
+    write_png(tmp_path / "dom" / "full" / "1.png", (1, 2, 3))
+    (tmp_path / "dom" / "hollow").mkdir()
+    return tmp_path / "dom", "hollow"
+
+
+def _bad_list_line(tmp_path: Path) -> tuple[Path, str]:
+    write_png(tmp_path / "a.png", (1, 2, 3))
+    (tmp_path / "list.txt").write_text("a.png 0\na.png seven\n")
+    return tmp_path / "list.txt", "list.txt:2"
+
+
+def _missing_listed_file(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "list.txt").write_text("ghost.png 0\n")
+    return tmp_path / "list.txt", "ghost.png"
+
+
+def _empty_list(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "list.txt").write_text("\n")
+    return tmp_path / "list.txt", "no images"
+
+
+def _image_given_as_list(tmp_path: Path) -> tuple[Path, str]:
+    noise = np.random.default_rng(0).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "photo.png")
+    return tmp_path / "photo.png", "photo.png"
+
+
+def _corrupt_png(tmp_path: Path) -> tuple[Path, str]:
+    write_png(tmp_path / "dom" / "a" / "good.png", (1, 2, 3))
+    (tmp_path / "dom" / "a" / "noise.png").write_bytes(np.random.default_rng(0).bytes(300))
+    return tmp_path / "dom", "noise.png"
+
+
+def _truncated_png(tmp_path: Path) -> tuple[Path, str]:
+    good = write_png(tmp_path / "dom" / "a" / "good.png", (1, 2, 3), size=(64, 64))
+    (tmp_path / "dom" / "a" / "cut.png").write_bytes(good.read_bytes()[:-30])
+    return tmp_path / "dom", "cut.png"
+
+
+def _empty_file(tmp_path: Path) -> tuple[Path, str]:
+    write_png(tmp_path / "dom" / "a" / "good.png", (1, 2, 3))
+    (tmp_path / "dom" / "a" / "zero.png").write_bytes(b"")
+    return tmp_path / "dom", "zero.png"
+
+
+@pytest.mark.parametrize(
+    "make_bad_domain",
+    [_missing_domain, _no_class_folders, _empty_class_folder, _bad_list_line, _missing_listed_file, _empty_list,
+     _image_given_as_list, _corrupt_png, _truncated_png, _empty_file],
+)
+def test_bad_domains_raise_one_line_errors_naming_the_culprit(tmp_path, make_bad_domain):
+    path, culprit = make_bad_domain(tmp_path)
+    with pytest.raises(DataError) as error:
+        load_domain(path)
+    assert culprit in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_class_folders_must_match_the_given_classes(tmp_path):
+    write_png(tmp_path / "dom" / "cat" / "1.png", (1, 2, 3))
+    with pytest.raises(DataError, match=r"missing folders: \['dog'\]; unexpected folders: \[\]"):
+        load_domain(tmp_path / "dom", classes=["cat", "dog"])
+
+
+def test_list_labels_must_fit_the_given_classes(tmp_path):
+    write_png(tmp_path / "a.png", (1, 2, 3))
+    (tmp_path / "list.txt").write_text("a.png 3\n")
+    with pytest.raises(DataError, match="list.txt:1: label 3"):
+        load_domain(tmp_path / "list.txt", classes=["a", "b"])
+
+
+def test_skip_corrupt_drops_unreadable_images_with_a_warning(tmp_path):
+    write_png(tmp_path / "dom" / "a" / "good.png", (1, 2, 3))
+    (tmp_path / "dom" / "a" / "noise.png").write_bytes(b"\x89PNG not really")
+    write_png(tmp_path / "dom" / "b" / "fine.png", (1, 2, 3))
+    (tmp_path / "dom" / "b" / "zero.png").write_bytes(b"")
+
+    with pytest.warns(UserWarning, match=r"dropped 2 unreadable image\(s\): .*noise.png.*zero.png"):
+        domain = load_domain(tmp_path / "dom", skip_corrupt=True)
+
+    assert [Path(f).name for f in domain.files] == ["good.png", "fine.png"]
+    assert domain.labels == [0, 1]
+
+
+def test_check_same_classes_lists_the_difference():
+    source = Domain("a", ["/x.png"], [0], ["bird", "cat"])
+    target = Domain("b", ["/y.png"], [0], ["bird", "dog"])
+    with pytest.raises(DataError) as error:
+        check_same_classes(source, target)
+    assert str(error.value) == (
+        "class sets differ between source 'a' and target 'b': only in source: ['cat']; only in target: ['dog']"
+    )
+    check_same_classes(source, Domain("c", ["/z.png"], [1], ["bird", "cat"]))
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+
+
+def _epoch_shares(num_items: int, world_size: int, seed: int = 3) -> list[list[int]]:
+    shares = []
+    for rank in range(world_size):
+        share_size = -(-num_items // world_size)
+        sampler = ShardedSampler(num_items, share_size, rank=rank, world_size=world_size, seed=seed)
+        shares.append(sampler.next_batch())
+    return shares
+
+
+def test_sampler_shards_cover_every_item_and_pad_like_distributed_sampler():
+    rank0, rank1 = _epoch_shares(num_items=11, world_size=2)
+    assert len(rank0) == len(rank1) == 6
+    assert set(rank0) | set(rank1) == set(range(11))
+    assert len(set(rank0) & set(rank1)) == 1  # the one padding index repeats the permutation's first item
+    assert set(rank0[:5]).isdisjoint(rank1[:5])
+
+
+def test_sampler_is_deterministic_and_reshuffles_each_epoch():
+    first = ShardedSampler(10, 10, rank=0, world_size=1, seed=7)
+    second = ShardedSampler(10, 10, rank=0, world_size=1, seed=7)
+    epoch0, epoch1 = first.next_batch(), first.next_batch()
+    assert [epoch0, epoch1] == [second.next_batch(), second.next_batch()]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(10))
+    assert epoch0 != epoch1
+    assert ShardedSampler(10, 10, rank=0, world_size=1, seed=8).next_batch() != epoch0
+    assert ShardedSampler(10, 10, rank=0, world_size=1, seed=7, shuffle=False).next_batch() == list(range(10))
+
+
+def test_sampler_batches_wrap_into_the_next_epoch_when_the_share_is_small():
+    sampler = ShardedSampler(3, 4, rank=1, world_size=2, seed=0)  # a share of 2 items, batches of 4
+    batch = sampler.next_batch()
+    assert len(batch) == 4
+    assert sampler.state_dict()["epoch"] == 1
+    assert sampler.state_dict()["cursor"] == 2
+
+
+def test_sampler_state_round_trip_reproduces_the_following_batches():
+    sampler = ShardedSampler(13, 5, rank=0, world_size=2, seed=1)
+    for _ in range(3):
+        sampler.next_batch()
+    state = sampler.state_dict()
+    expected = [sampler.next_batch() for _ in range(4)]
+
+    resumed = ShardedSampler(13, 5, rank=0, world_size=2, seed=1)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch() for _ in range(4)] == expected
+
+
+def test_sampler_refuses_a_state_from_another_dataset():
+    state = ShardedSampler(13, 5, rank=0, world_size=2, seed=1).state_dict()
+    with pytest.raises(DataError, match="num_items=13"):
+        ShardedSampler(14, 5, rank=0, world_size=2, seed=1).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+
+@pytest.fixture
+def twelve_id_images(tmp_path) -> Domain:
+    return id_image_domain(tmp_path / "ids", num_images=12, num_classes=3, size=(14, 10))
+
+
+def _train_loader(domain: Domain, backend: str, *, batch_size: int = 4, rank: int = 0, world_size: int = 1, **spec):
+    transform = TransformSpec(**{"resize": 10, "crop": 8, "flip": True, **IDENTITY_NORMALIZE, **spec})
+    return create_train_loader(domain, batch_size=batch_size, transform=transform, rank=rank, world_size=world_size,
+                               seed=5, backend=backend, num_threads=1)
+
+
+def _eval_loader(domain: Domain, backend: str, *, batch_size: int, rank: int = 0, world_size: int = 1, **spec):
+    transform = TransformSpec(**{"resize": 10, "crop": 8, "flip": True, **IDENTITY_NORMALIZE, **spec})
+    return create_eval_loader(domain, batch_size=batch_size, transform=transform, rank=rank, world_size=world_size,
+                              backend=backend, num_threads=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_batches_have_the_crop_shape_and_the_labels_of_the_chosen_files(twelve_id_images, backend):
+    loader = _train_loader(twelve_id_images, backend)
+    for _ in range(4):  # crosses an epoch boundary: 12 images, batches of 4
+        images, labels = next(loader)
+        assert images.shape == (4, 3, 8, 8) and images.dtype == torch.float32
+        assert labels.shape == (4,) and labels.dtype == torch.int64
+        assert labels.tolist() == [label_of(twelve_id_images, i) for i in ids_in(images)]
+    assert loader.data_wait_seconds > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_batches_are_normalized_with_mean_and_std_in_unit_range(tmp_path, backend):
+    write_png(tmp_path / "dom" / "only" / "0.png", (255, 128, 0))
+    spec = TransformSpec(resize=10, crop=8, flip=True)
+    loader = create_train_loader(load_domain(tmp_path / "dom"), batch_size=2, transform=spec, rank=0, world_size=1,
+                                 seed=0, backend=backend, num_threads=1)
+    images, _ = next(loader)
+    expected = (torch.tensor([255, 128, 0]) / 255.0 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    assert torch.allclose(images.mean(dim=(0, 2, 3)), expected, atol=0.02)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grey_images_are_decoded_as_three_channels(tmp_path, backend):
+    write_png(tmp_path / "dom" / "only" / "0.png", (90, 90, 90), mode="L")
+    loader = _train_loader(load_domain(tmp_path / "dom"), backend, batch_size=1)
+    images, _ = next(loader)
+    assert images.shape == (1, 3, 8, 8)
+    assert torch.allclose(images, torch.full_like(images, 90 / 255), atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_state_round_trip_replays_the_same_images(twelve_id_images, backend):
+    loader = _train_loader(twelve_id_images, backend, batch_size=5)
+    for _ in range(2):
+        next(loader)
+    state = loader.state_dict()
+    expected = [ids_in(next(loader)[0]) for _ in range(4)]
+
+    loader.load_state_dict(state)
+    replayed = [next(loader)[0] for _ in range(4)]
+    assert [ids_in(images) for images in replayed] == expected
+    fresh = _train_loader(twelve_id_images, backend, batch_size=5)
+    fresh.load_state_dict(state)
+    # Augmentation is seeded from the position, so even the crops and flips repeat exactly.
+    assert all(torch.equal(next(fresh)[0], images) for images in replayed)
+
+
+def test_torch_train_state_is_exact_while_workers_read_ahead(twelve_id_images):
+    transform = TransformSpec(resize=10, crop=8, flip=False, **IDENTITY_NORMALIZE)
+    loader = create_train_loader(twelve_id_images, batch_size=5, transform=transform, rank=0, world_size=1,
+                                 seed=5, backend="torch", num_threads=2)
+    next(loader)
+    state = loader.state_dict()
+    assert state["cursor"] == 5  # not the position of the batches the workers have already prefetched
+    expected = [ids_in(next(loader)[0]) for _ in range(3)]
+    loader.load_state_dict(state)
+    assert [ids_in(next(loader)[0]) for _ in range(3)] == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_ranks_read_disjoint_shards(twelve_id_images, backend):
+    first_epochs = [ids_in(next(_train_loader(twelve_id_images, backend, batch_size=6, rank=rank, world_size=2))[0])
+                    for rank in range(2)]
+    assert set(first_epochs[0]).isdisjoint(first_epochs[1])
+    assert sorted(first_epochs[0] + first_epochs[1]) == list(range(12))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_counts_every_image_once_across_ranks(tmp_path, backend):
+    domain = id_image_domain(tmp_path / "seven", num_images=7, num_classes=7, size=(16, 12))
+    seen = []
+    for rank in range(2):
+        loader = _eval_loader(domain, backend, batch_size=3, rank=rank, world_size=2)
+        assert len(loader) == (4 if rank == 0 else 3)
+        for _ in range(2):  # every pass yields the share again
+            this_pass = []
+            for images, labels in loader:
+                assert images.shape[1:] == (3, 8, 8) and images.shape[0] <= 3
+                assert labels.tolist() == ids_in(images)  # class i holds only image i
+                this_pass += labels.tolist()
+            assert len(this_pass) == len(loader)
+        seen += this_pass
+    assert sorted(seen) == list(range(7))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_rank_without_images_yields_nothing(tmp_path, backend):
+    domain = id_image_domain(tmp_path / "two", num_images=2, num_classes=2)
+    loader = _eval_loader(domain, backend, batch_size=4, rank=2, world_size=3)
+    assert len(loader) == 0
+    assert list(loader) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_crops_the_centre(tmp_path, backend):
+    # Left half black, right half white: a centre crop of the same width keeps both halves equally.
+    image = np.zeros((10, 20, 3), dtype=np.uint8)
+    image[:, 10:] = 255
+    (tmp_path / "dom" / "only").mkdir(parents=True)
+    Image.fromarray(image).save(tmp_path / "dom" / "only" / "0.png")
+    loader = _eval_loader(load_domain(tmp_path / "dom"), backend, batch_size=1, resize=10, crop=10)
+    [(images, _)] = list(loader)
+    assert images.shape == (1, 3, 10, 10)
+    assert images[0, :, :, :5].max() < 0.01 and images[0, :, :, 5:].min() > 0.99
+
+
+def test_dali_and_torch_eval_agree(tmp_path):
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        (tmp_path / "dom" / f"c{index}").mkdir(parents=True)
+        noise = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / "dom" / f"c{index}" / "0.png")
+        smooth = np.broadcast_to(np.linspace(0, 255, 24, dtype=np.uint8)[None, :, None], (20, 24, 3))
+        Image.fromarray(np.ascontiguousarray(smooth)).save(tmp_path / "dom" / f"c{index}" / "1.png")
+    domain = load_domain(tmp_path / "dom")
+
+    def one_pass(backend: str, resize: int, crop: int) -> torch.Tensor:
+        loader = create_eval_loader(domain, batch_size=4, transform=TransformSpec(resize=resize, crop=crop, flip=False),
+                                    rank=0, world_size=1, backend=backend, num_threads=1)
+        return torch.cat([images for images, _ in loader])
+
+    # Without resizing both backends must match to rounding; with resizing the interpolations differ slightly.
+    unscaled = [one_pass(backend, resize=16, crop=16) for backend in BACKENDS]
+    noise_images = slice(0, None, 2)
+    assert torch.allclose(unscaled[0][noise_images], unscaled[1][noise_images], atol=1e-4)
+    rescaled = [one_pass(backend, resize=12, crop=10) for backend in BACKENDS]
+    assert (rescaled[0] - rescaled[1]).abs().mean() < 0.05
+
+
+def test_loader_factories_reject_unknown_settings(twelve_id_images):
+    transform = TransformSpec(resize=10, crop=8, flip=False)
+    common = {"batch_size": 2, "transform": transform, "rank": 0, "world_size": 1}
+    with pytest.raises(ValueError, match="'pytorch'.*dali, torch"):
+        create_eval_loader(twelve_id_images, backend="pytorch", **common)
+    with pytest.raises(ValueError, match="'tpu'.*cpu, gpu"):
+        create_train_loader(twelve_id_images, seed=0, device="tpu", **common)
+    with pytest.raises(DataError, match="crop 12 is larger than resize 10"):
+        TransformSpec(resize=10, crop=12, flip=False)
+
+
+def test_dali_backend_without_dali_installed_says_what_to_do(twelve_id_images, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` fail
+    transform = TransformSpec(resize=10, crop=8, flip=False)
+    with pytest.raises(DataError, match="pip install nvidia-dali.*data.loader=torch"):
+        create_eval_loader(twelve_id_images, batch_size=2, transform=transform, rank=0, world_size=1, backend="dali")
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_dataset_is_written_once_with_matching_domains(tmp_path):
+    root = ensure_synthetic_dataset(tmp_path / "shapes", images_per_class=3, size=32, seed=1)
+    source, target = load_domain(root / "source"), load_domain(root / "target")
+    assert source.classes == target.classes and len(source.classes) == 6
+    assert len(source.files) == len(target.files) == 18
+    with Image.open(target.files[0]) as image:
+        assert image.mode == "RGB" and image.size == (32, 32)
+    source_pixels = np.asarray(Image.open(source.files[0]), dtype=np.float32)
+    target_pixels = np.asarray(Image.open(target.files[0]), dtype=np.float32)
+    assert source_pixels.std(axis=2).max() == 0  # grey shapes on black
+    assert target_pixels.std(axis=2).mean() > 10  # colourful backgrounds
+
+    modified = Path(source.files[0]).stat().st_mtime_ns
+    assert ensure_synthetic_dataset(tmp_path / "shapes", images_per_class=3, size=32, seed=1) == root
+    assert Path(source.files[0]).stat().st_mtime_ns == modified
+    assert not [p for p in root.iterdir() if p.name.startswith(".staging")]
+
+
+def test_synthetic_dataset_is_regenerated_when_its_parameters_change(tmp_path):
+    ensure_synthetic_dataset(tmp_path / "shapes", images_per_class=2, seed=0)
+    ensure_synthetic_dataset(tmp_path / "shapes", images_per_class=4, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_domain(tmp_path / "shapes" / "target").files) == 24
