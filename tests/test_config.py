@@ -131,3 +131,9 @@ def test_deepspeed_config_is_derived_from_ours():
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"]["enabled"] is True
     assert ds["gradient_clipping"] == 5.0
+
+
+def test_readme_documents_every_key():
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key in valid_keys() if f"`{key}`" not in readme]
+    assert not missing

@@ -1,0 +1,115 @@
+"""Target accuracy, counted once per image across ranks; and the `tada-eval` command.
+
+    tada-eval --checkpoint OUTPUT_DIR [--domain PATH] [--batch-size N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tada_dist.distributed import all_reduce_sum
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    correct: list[int]
+    total: list[int]
+
+    @property
+    def overall(self) -> float:
+        seen = sum(self.total)
+        return 100.0 * sum(self.correct) / seen if seen else float("nan")
+
+    @property
+    def per_class(self) -> list[float]:
+        return [100.0 * c / t if t else float("nan") for c, t in zip(self.correct, self.total)]
+
+    @property
+    def images(self) -> int:
+        return sum(self.total)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, loader, num_classes: int, *, device: torch.device, dtype: torch.dtype) -> Accuracy:
+    """Per-class correct/total over this rank's share of `loader`, summed over all ranks."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.int64)
+    total = torch.zeros(num_classes, dtype=torch.int64)
+    for images, labels in loader:
+        predictions = model.predict(images.to(device, dtype=dtype)).argmax(dim=1).cpu()
+        labels = labels.cpu()
+        total += torch.bincount(labels, minlength=num_classes)
+        correct += torch.bincount(labels[predictions == labels], minlength=num_classes)
+    model.train(was_training)
+    counts = all_reduce_sum(torch.stack([correct, total]))
+    return Accuracy(correct=counts[0].tolist(), total=counts[1].tolist())
+
+
+def format_report(accuracy: Accuracy, classes: list[str], domain_name: str) -> str:
+    width = max(len(name) for name in classes)
+    lines = [f"{domain_name}: accuracy {accuracy.overall:.2f}% over {accuracy.images} images"]
+    for name, acc, total in zip(classes, accuracy.per_class, accuracy.total):
+        lines.append(f"  {name:<{width}}  {acc:6.2f}%  ({total} images)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tada-eval", description="Evaluate a trained TADA run on a domain.")
+    parser.add_argument("--checkpoint", required=True, help="a training output directory (holding config.yaml)")
+    parser.add_argument("--domain", help="an ImageFolder directory or image-list file (default: the run's target)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+
+    from tada_dist import checkpoint
+    from tada_dist.config import ConfigError, load_saved_config
+    from tada_dist.data import DataError, TransformSpec, create_eval_loader, load_domain
+    from tada_dist.distributed import init_distributed
+    from tada_dist.trainer import loader_device, model_from_config, resolve_domains
+
+    output_dir = Path(args.checkpoint)
+    config_file = output_dir / "config.yaml"
+    if not config_file.is_file():
+        print(f"tada-eval: error: {output_dir} is not a training output directory (missing config.yaml)", file=sys.stderr)
+        return 2
+    try:
+        config = load_saved_config(config_file)
+        weights, step = checkpoint.load_module_weights(output_dir)
+        dist_info = init_distributed(config.distributed.backend)
+        source, target = resolve_domains(config, dist_info)
+        domain = load_domain(args.domain, classes=source.classes) if args.domain else target
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"tada-eval: error: {err}", file=sys.stderr)
+        return 2
+
+    model = model_from_config(config, len(source.classes), load_pretrained=False)
+    model.load_state_dict(weights)
+    model.to(dist_info.device)
+    data = config.data
+    loader = create_eval_loader(
+        domain, batch_size=args.batch_size or data.eval_batch_size,
+        transform=TransformSpec(resize=data.resize, crop=data.crop, flip=False),
+        rank=dist_info.rank, world_size=dist_info.world_size, backend=data.loader, device=loader_device(config, dist_info),
+        num_threads=data.num_threads,
+    )
+    accuracy = evaluate_accuracy(model, loader, len(source.classes), device=dist_info.device, dtype=torch.float32)
+    if dist_info.is_main:
+        if args.json:
+            print(json.dumps({"domain": domain.name, "step": step, "accuracy": accuracy.overall,
+                              "per_class": dict(zip(source.classes, accuracy.per_class)),
+                              "images": accuracy.images}))
+        else:
+            print(f"checkpoint step {step}")
+            print(format_report(accuracy, source.classes, domain.name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

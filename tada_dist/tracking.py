@@ -1,0 +1,99 @@
+"""MLflow tracking, from rank 0 only.
+
+Several processes creating one sqlite database at once corrupt it, so only rank 0 ever opens it;
+every other rank gets a tracker whose methods do nothing. A resumed run passes the run id saved in
+its checkpoint and keeps logging into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DB_NAME = "mlflow.db"
+
+
+def resolve_tracking_uri(configured: str | None, output_dir: Path) -> str:
+    """`tracking.uri` wins, then MLFLOW_TRACKING_URI, then a sqlite file beside the output directory."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(output_dir.resolve().parent / DEFAULT_DB_NAME)}"
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside the database, not into the current directory's ./mlruns."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+class Tracker:
+    """Logs params, metrics and artifacts of one training run; inactive off rank 0 or when disabled."""
+
+    def __init__(self, *, active: bool, uri: str, experiment: str):
+        self.active = active
+        self.uri = uri
+        self.experiment = experiment
+        self.run_id: str | None = None
+
+    def start(self, *, run_id: str | None, run_name: str | None, system_metrics: bool, tags: dict[str, Any]) -> None:
+        """Open a new run, or reopen `run_id` when resuming."""
+        if not self.active:
+            return
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        if mlflow.get_experiment_by_name(self.experiment) is None:
+            mlflow.create_experiment(self.experiment, artifact_location=_artifact_root(self.uri))
+        mlflow.set_experiment(self.experiment)
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=system_metrics)
+        self.run_id = run.info.run_id
+        mlflow.set_tags({"git_commit": _git_commit(), **{k: str(v) for k, v in tags.items()}})
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        import mlflow
+
+        mlflow.log_params({key: "None" if value is None else value for key, value in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        import mlflow
+
+        mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        if not self.active:
+            return
+        import mlflow
+
+        mlflow.log_artifact(str(path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the run; status is FINISHED, FAILED or KILLED."""
+        if not self.active or self.run_id is None:
+            return
+        import mlflow
+
+        mlflow.end_run(status=status)
+        self.run_id = None

@@ -1,0 +1,330 @@
+"""The training loop: set up, `train_step`, `validate`, `save`, in the order one step runs them.
+
+    source batch + target batch -> TADA model (DeepSpeed engine) -> eq. 9 -> engine.backward/step
+    every log_every steps: metrics to the progress bar and MLflow (rank 0)
+    every eval_every steps: target accuracy, counted once per image across ranks
+    every checkpoint.every steps: DeepSpeed checkpoint with our client state
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tada_dist import checkpoint
+from tada_dist.config import Config, flatten, save_config, to_dict
+from tada_dist.data import (
+    DataError,
+    Domain,
+    TransformSpec,
+    check_same_classes,
+    create_eval_loader,
+    create_train_loader,
+    load_domain,
+)
+from tada_dist.data.synthetic import ensure_synthetic_dataset
+from tada_dist.deepspeed_config import deepspeed_config
+from tada_dist.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from tada_dist.evaluate import Accuracy, evaluate_accuracy
+from tada_dist.losses import LossWeights, tada_objective
+from tada_dist.model import create_model
+from tada_dist.optim import create_optimizer
+from tada_dist.schedules import create_lr_scheduler, grl_schedule, progress
+from tada_dist.tracking import Tracker, resolve_tracking_uri, ui_command
+
+DEFAULT_DATA_CACHE = Path.home() / ".cache" / "tada-dist" / "synthetic"
+
+
+def default_data_root() -> Path:
+    """Where the generated default dataset lives (TADA_DIST_CACHE overrides it)."""
+    return Path(os.environ.get("TADA_DIST_CACHE", DEFAULT_DATA_CACHE))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_domains(config: Config, dist_info: DistInfo) -> tuple[Domain, Domain]:
+    """Rank 0 lists and checks every image once; the other ranks receive the result (or its error)."""
+    result: tuple[Domain, Domain] | str
+    if dist_info.is_main:
+        try:
+            root = Path(config.data.root) if config.data.root else ensure_synthetic_dataset(default_data_root())
+            source = load_domain(root / config.data.source, skip_corrupt=config.data.skip_corrupt)
+            target = load_domain(root / config.data.target, skip_corrupt=config.data.skip_corrupt)
+            check_same_classes(source, target)
+            result = (source, target)
+        except DataError as err:
+            result = str(err)
+    else:
+        result = ""
+    result = broadcast_object(result)
+    if isinstance(result, str):
+        raise DataError(result)
+    return result
+
+
+def model_from_config(config: Config, num_classes: int, *, load_pretrained: bool = True) -> torch.nn.Module:
+    """The TADA model a config describes; evaluation skips the pretrained weights it overwrites anyway."""
+    return create_model(
+        method=config.method,
+        backbone=config.model.backbone,
+        num_classes=num_classes,
+        image_size=config.data.crop,
+        pretrained=config.model.pretrained if load_pretrained else None,
+        bottleneck_dim=config.model.bottleneck_dim,
+        region_hidden=config.model.region_hidden,
+        global_hidden=config.model.global_hidden,
+        dropout=config.model.dropout,
+        detach_attention=config.model.detach_attention,
+        kernels_backend=config.kernels.backend,
+    )
+
+
+def loader_device(config: Config, dist_info: DistInfo) -> str:
+    """Where DALI decodes: `data.device`, or the training device when it is `auto`."""
+    if config.data.device != "auto":
+        return config.data.device
+    return "gpu" if dist_info.device.type == "cuda" else "cpu"
+
+
+def match_batchnorm_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed's bf16 mode casts parameters but not BatchNorm running statistics; CUDA kernels accept
+    the mix, CPU ones do not, so on the CPU the statistics follow the parameters."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.data = module.running_mean.data.to(dtype)
+            module.running_var.data = module.running_var.data.to(dtype)
+
+
+@dataclass
+class RunningMeans:
+    """Averages of the loss terms since the last log."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.count += 1
+
+    def pop(self) -> dict[str, float]:
+        means = {key: total / max(self.count, 1) for key, total in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        import deepspeed
+
+        self.config = config
+        self.dist = init_distributed(config.distributed.backend)
+        self.output_dir = config.resolved_output_dir()
+        self.adapts = config.method != "source_only"
+
+        self.source, self.target = resolve_domains(config, self.dist)
+        self.num_classes = len(self.source.classes)
+        self._build_loaders()
+
+        seed_everything(config.seed)  # identical initial weights on every rank
+        model = model_from_config(config, self.num_classes)
+        optimizer = create_optimizer(
+            model,
+            base_lr=config.optim.lr,
+            momentum=config.optim.momentum,
+            weight_decay=config.optim.weight_decay,
+            nesterov=config.optim.nesterov,
+            new_layer_mult=config.optim.new_layer_mult,
+        )
+        scheduler = create_lr_scheduler(
+            optimizer, config.train.steps, gamma=config.schedule.lr_gamma, power=config.schedule.lr_power
+        )
+        self.ds_config = deepspeed_config(config, self.dist.world_size)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.model = self.engine.module
+        self.input_dtype = torch.bfloat16 if config.distributed.precision == "bf16" else torch.float32
+        if self.input_dtype == torch.bfloat16 and self.dist.device.type == "cpu":
+            match_batchnorm_buffers(self.model, torch.bfloat16)
+        seed_everything(config.seed + 1000 * self.dist.rank)  # dropout differs between ranks
+
+        self.step = 0
+        resumed = checkpoint.load_latest(self.engine, self.output_dir, self.dist.rank) if config.checkpoint.resume else None
+        if resumed is not None:
+            self.step = int(resumed["step"])
+            self.source_loader.load_state_dict(resumed["data"]["source"])
+            self.target_loader.load_state_dict(resumed["data"]["target"])
+            if self.dist.is_main:
+                print(f"resuming from step {self.step} of {self.output_dir}", flush=True)
+        self._start_tracking(resumed)
+        self.last_accuracy: Accuracy | None = None
+
+    # -- set-up helpers -------------------------------------------------------------------------
+
+    def _build_loaders(self) -> None:
+        data = self.config.data
+        device = loader_device(self.config, self.dist)
+        train_transform = TransformSpec(resize=data.resize, crop=data.crop, flip=data.flip)
+        common = dict(rank=self.dist.rank, world_size=self.dist.world_size, backend=data.loader, device=device,
+                      num_threads=data.num_threads)
+        self.source_loader = create_train_loader(
+            self.source, batch_size=data.batch_size, transform=train_transform, seed=self.config.seed, **common
+        )
+        self.target_loader = create_train_loader(
+            self.target, batch_size=data.batch_size, transform=train_transform, seed=self.config.seed + 1, **common
+        )
+        self.eval_loader = create_eval_loader(
+            self.target, batch_size=data.eval_batch_size, transform=train_transform, **common
+        )
+
+    def _start_tracking(self, resumed: dict | None) -> None:
+        config = self.config
+        uri = resolve_tracking_uri(config.tracking.uri, self.output_dir)
+        self.tracker = Tracker(active=self.dist.is_main and config.tracking.enabled, uri=uri,
+                               experiment=config.tracking.experiment)
+        run_id = resumed.get("mlflow_run_id") if resumed else None
+        self.tracker.start(
+            run_id=run_id,
+            run_name=config.tracking.run_name or f"{config.method}-seed{config.seed}",
+            system_metrics=config.tracking.system_metrics,
+            tags={"world_size": self.dist.world_size, "method": config.method,
+                  "source": self.source.name, "target": self.target.name},
+        )
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+            (self.output_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        if run_id is None:
+            self.tracker.log_params(flatten(to_dict(config)))
+            self.tracker.log_artifact(self.output_dir / "config.yaml")
+            self.tracker.log_artifact(self.output_dir / "deepspeed_config.json")
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.dist.device, dtype=self.input_dtype, non_blocking=True)
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        config = self.config
+        p = progress(self.step, config.train.steps)
+        grl_coeff = grl_schedule(p, alpha=config.schedule.grl_alpha)
+        self.model.set_grl_coeff(grl_coeff)
+        weights = LossWeights(adaptation=config.loss.adaptation_weight, entropy=config.loss.entropy_weight)
+        self.engine.train()
+        for _ in range(config.distributed.grad_accum):
+            source_images, source_labels = next(self.source_loader)
+            target_images = self._to_device(next(self.target_loader)[0]) if self.adapts else None
+            outputs = self.engine(self._to_device(source_images), target_images)
+            loss, terms = tada_objective(
+                outputs, source_labels.to(self.dist.device), weights, method=config.method,
+                detach_attention=config.model.detach_attention, backend=config.kernels.backend,
+            )
+            self.engine.backward(loss)
+            self.engine.step()
+        self.step += 1
+        terms["lambda_p"] = torch.tensor(weights.adaptation * grl_coeff)
+        return terms
+
+    def validate(self, loader=None) -> Accuracy:
+        self.engine.eval()
+        return evaluate_accuracy(self.model, loader or self.eval_loader, self.num_classes,
+                                 device=self.dist.device, dtype=self.input_dtype)
+
+    def save(self) -> None:
+        client_state = {
+            "step": self.step,
+            "data": {"source": self.source_loader.state_dict(), "target": self.target_loader.state_dict()},
+            "mlflow_run_id": self.tracker.run_id,
+        }
+        checkpoint.save(self.engine, self.output_dir, self.step, client_state, self.dist.rank)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def images_per_step(self) -> int:
+        per_domain = self.config.data.batch_size * self.config.distributed.grad_accum * self.dist.world_size
+        return per_domain * (2 if self.adapts else 1)
+
+    def fit(self) -> dict:
+        try:
+            summary = self._fit()
+        except KeyboardInterrupt:
+            self.tracker.finish("KILLED")
+            raise
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
+        self.tracker.finish("FINISHED")
+        return summary
+
+    def _fit(self) -> dict:
+        config = self.config
+        total = config.train.steps
+        log_every, eval_every, ckpt_every = config.train.log_every, config.train.eval_every, config.checkpoint.every
+        bar = tqdm(total=total, initial=self.step, disable=not self.dist.is_main, desc=config.method,
+                   dynamic_ncols=True, unit="step")
+        means = RunningMeans()
+        started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+        wait_before = self.source_loader.data_wait_seconds + self.target_loader.data_wait_seconds
+        while self.step < total:
+            means.add(self.train_step())
+            window_steps += 1
+            bar.update(1)
+            if self.step % log_every == 0 or self.step == total:
+                elapsed = time.perf_counter() - window_start
+                wait_now = self.source_loader.data_wait_seconds + self.target_loader.data_wait_seconds
+                metrics = means.pop()
+                metrics.update(
+                    images_per_sec=self.images_per_step() * window_steps / elapsed,
+                    data_wait_sec=(wait_now - wait_before) / window_steps,
+                    lr=self.optimizer.param_groups[0]["lr"],
+                )
+                self.tracker.log_metrics(metrics, step=self.step)
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "cls", "images_per_sec") if k in metrics})
+                window_start, window_steps, wait_before = time.perf_counter(), 0, wait_now
+            if (eval_every and self.step % eval_every == 0) or self.step == total:
+                self.last_accuracy = self.validate()
+                self.tracker.log_metrics({"target_acc": self.last_accuracy.overall}, step=self.step)
+                bar.write(f"step {self.step}: target accuracy {self.last_accuracy.overall:.2f}%")
+            if (ckpt_every and self.step % ckpt_every == 0) or self.step == total:
+                self.save()
+        bar.close()
+        if self.last_accuracy is None:  # resumed at the final step: nothing trained, still report
+            self.last_accuracy = self.validate()
+        return self._write_summary(time.perf_counter() - started)
+
+    def _write_summary(self, wall_seconds: float) -> dict:
+        accuracy = self.last_accuracy
+        summary = {
+            "target_acc": accuracy.overall,
+            "per_class_acc": dict(zip(self.target.classes, accuracy.per_class)),
+            "step": self.step,
+            "method": self.config.method,
+            "seed": self.config.seed,
+            "wall_seconds": round(wall_seconds, 2),
+            "mlflow_run_id": self.tracker.run_id,
+            "tracking_uri": self.tracker.uri if self.tracker.active else None,
+        }
+        if self.dist.is_main:
+            (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        barrier()
+        return summary
+
+
+def report(summary: dict) -> None:
+    """What a user needs at the end of a run: the accuracy and how to look at the run in MLflow."""
+    print(f"target accuracy: {summary['target_acc']:.2f}% after {summary['step']} steps ({summary['method']})")
+    if summary.get("tracking_uri"):
+        print(f"MLflow run {summary['mlflow_run_id']}; open the UI with:\n  {ui_command(summary['tracking_uri'])}")
