@@ -112,6 +112,14 @@ def test_image_list_resolves_paths_against_the_list_folder(tmp_path):
     assert load_domain(list_file, classes=["back_pack", "bike", "calculator"]).classes[2] == "calculator"
 
 
+def test_image_list_in_tllib_layout_resolves_against_the_dataset_root(tmp_path):
+    image = write_png(tmp_path / "office31" / "amazon" / "images" / "bike" / "1.jpg", (1, 2, 3))
+    list_file = tmp_path / "office31" / "image_list" / "amazon.txt"
+    list_file.parent.mkdir()
+    list_file.write_text("amazon/images/bike/1.jpg 1\n")
+    assert load_domain(list_file).files == [str(image)]
+
+
 def _missing_domain(tmp_path: Path) -> tuple[Path, str]:
     return tmp_path / "nowhere", "nowhere"
 

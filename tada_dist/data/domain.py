@@ -112,7 +112,7 @@ def _images_under(folder: Path) -> list[str]:
 
 
 def _read_image_list(list_file: Path, name: str, classes: list[str] | None) -> Domain:
-    """The thuml/tllib list format: one `<image path> <integer label>` per line, paths relative to the list."""
+    """The thuml/tllib list format: one `<image path> <integer label>` per line (see _resolve_listed_path)."""
     try:
         lines = list_file.read_text().splitlines()
     except UnicodeDecodeError as error:
@@ -130,7 +130,7 @@ def _read_image_list(list_file: Path, name: str, classes: list[str] | None) -> D
         parts = line.strip().rsplit(maxsplit=1)
         if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
             raise DataError(f"{where}: expected '<image path> <integer label>', got {line.strip()!r}")
-        image = Path(os.path.abspath(list_file.parent / Path(parts[0]).expanduser()))
+        image = _resolve_listed_path(list_file, parts[0])
         label = int(parts[1])
         if classes is not None and label >= len(classes):
             raise DataError(f"{where}: label {label} is out of range for the {len(classes)} expected classes")
@@ -143,6 +143,16 @@ def _read_image_list(list_file: Path, name: str, classes: list[str] | None) -> D
     # Class names are the label numbers 0..max, so a label keeps its meaning even if a class is absent.
     class_names = list(classes) if classes is not None else [str(i) for i in range(max(labels) + 1)]
     return Domain(name=name, files=files, labels=labels, classes=class_names)
+
+
+def _resolve_listed_path(list_file: Path, listed: str) -> Path:
+    """Relative paths are relative to the list's folder, or, for the tllib layout
+    (`<root>/image_list/<domain>.txt` listing `<domain>/images/...`), to the folder above it."""
+    path = Path(listed).expanduser()
+    candidate = Path(os.path.abspath(list_file.parent / path))
+    if not path.is_absolute() and not candidate.is_file() and list_file.parent.name == "image_list":
+        return Path(os.path.abspath(list_file.parent.parent / path))
+    return candidate
 
 
 def _drop_or_reject_unreadable(domain: Domain, path: Path, skip_corrupt: bool) -> Domain:

@@ -1,0 +1,48 @@
+from pathlib import Path
+
+from tada_dist.tracking import Tracker, resolve_tracking_uri
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    output_dir = tmp_path / "runs" / "a_to_b" / "tada-seed0"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, output_dir) == f"sqlite:///{tmp_path / 'runs' / 'a_to_b' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from_env.db")
+    assert resolve_tracking_uri(None, output_dir) == "sqlite:///from_env.db"
+    assert resolve_tracking_uri("sqlite:///from_config.db", output_dir) == "sqlite:///from_config.db"
+
+
+def test_inactive_tracker_never_creates_a_store(tmp_path):
+    db = tmp_path / "mlflow.db"
+    tracker = Tracker(active=False, uri=f"sqlite:///{db}", experiment="x")
+    tracker.start(run_id=None, run_name="r", system_metrics=False, tags={})
+    tracker.log_params({"a": 1})
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.finish()
+    assert not db.exists() and tracker.run_id is None
+
+
+def test_resumed_tracker_continues_the_same_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(active=True, uri=uri, experiment="exp")
+    first.start(run_id=None, run_name="r", system_metrics=False, tags={"world_size": 2})
+    first.log_params({"optim.lr": 0.01, "model.pretrained": None})
+    first.log_metrics({"loss": 2.0}, step=1)
+    run_id = first.run_id
+    first.finish("KILLED")
+
+    second = Tracker(active=True, uri=uri, experiment="exp")
+    second.start(run_id=run_id, run_name="ignored", system_metrics=False, tags={"world_size": 2})
+    second.log_metrics({"loss": 1.0}, step=2)
+    second.finish()
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"optim.lr": "0.01", "model.pretrained": "None"}
+    assert run.data.tags["world_size"] == "2"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 2.0), (2, 1.0)]
+    experiment = client.get_experiment_by_name("exp")
+    assert Path(experiment.artifact_location.removeprefix("file://")) == tmp_path / "mlartifacts"
