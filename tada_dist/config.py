@@ -53,7 +53,7 @@ class DataConfig:
     resize: int = _positive(32, "shorter side after resizing")
     crop: int = _positive(28, "square crop fed to the network")
     flip: bool = field(default=False, metadata={"doc": "random horizontal flip in training"})
-    num_threads: int = _positive(2, "decoding threads per process")
+    num_threads: int = _non_negative(2, "DALI decoding threads, or torch DataLoader workers (0: main process)")
     skip_corrupt: bool = field(default=False, metadata={"doc": "drop unreadable images with a warning"})
 
 

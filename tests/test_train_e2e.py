@@ -112,3 +112,14 @@ def test_bad_data_fails_before_training_without_touching_outputs(tiny_data, tmp_
     assert len(error_lines) == 1 and "only in source: ['cat']" in error_lines[0]
     assert not run_dir.exists()
     assert not (tmp_path / "m.db").exists()
+
+
+def test_single_process_with_torch_loader_and_tracking_off(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = _train_overrides(tiny_data, run_dir, tmp_path / "unused.db", steps=2)
+    overrides += ["data.loader=torch", "tracking.enabled=false", "method=dann", "data.num_threads=0"]
+    _run([sys.executable, "-m", "tada_dist.train", *overrides], tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == 2 and metrics["mlflow_run_id"] is None
+    assert sum(1 for _ in (run_dir / "checkpoints").glob("step*")) == 1
+    assert not (tmp_path / "unused.db").exists()
