@@ -35,7 +35,7 @@ from tada_dist.deepspeed_config import deepspeed_config
 from tada_dist.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from tada_dist.evaluate import Accuracy, evaluate_accuracy
 from tada_dist.losses import LossWeights, tada_objective
-from tada_dist.model import create_model
+from tada_dist.model import create_model, method_parts
 from tada_dist.optim import create_optimizer
 from tada_dist.schedules import create_lr_scheduler, grl_schedule, progress
 from tada_dist.tracking import Tracker, resolve_tracking_uri, ui_command
@@ -109,18 +109,19 @@ def match_batchnorm_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 @dataclass
 class RunningMeans:
-    """Averages of the loss terms since the last log."""
+    """Averages of the loss terms since the last log. Sums stay tensors until then, so that a step
+    never waits for the GPU just to read a loss value."""
 
-    sums: dict[str, float] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
     count: int = 0
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.detach().clone()
         self.count += 1
 
     def pop(self) -> dict[str, float]:
-        means = {key: total / max(self.count, 1) for key, total in self.sums.items()}
+        means = {key: float(total) / max(self.count, 1) for key, total in self.sums.items()}
         self.sums, self.count = {}, 0
         return means
 
@@ -132,7 +133,8 @@ class Trainer:
         self.config = config
         self.dist = init_distributed(config.distributed.backend)
         self.output_dir = config.resolved_output_dir()
-        self.adapts = config.method != "source_only"
+        self.adapts = method_parts(config.method).adapts  # source_only never reads a target batch
+        self.loss_weights = LossWeights(adaptation=config.loss.adaptation_weight, entropy=config.loss.entropy_weight)
 
         self.source, self.target = resolve_domains(config, self.dist)
         self.num_classes = len(self.source.classes)
@@ -222,20 +224,19 @@ class Trainer:
         p = progress(self.step, config.train.steps)
         grl_coeff = grl_schedule(p, alpha=config.schedule.grl_alpha)
         self.model.set_grl_coeff(grl_coeff)
-        weights = LossWeights(adaptation=config.loss.adaptation_weight, entropy=config.loss.entropy_weight)
         self.engine.train()
         for _ in range(config.distributed.grad_accum):
             source_images, source_labels = next(self.source_loader)
             target_images = self._to_device(next(self.target_loader)[0]) if self.adapts else None
             outputs = self.engine(self._to_device(source_images), target_images)
             loss, terms = tada_objective(
-                outputs, source_labels.to(self.dist.device), weights, method=config.method,
+                outputs, source_labels.to(self.dist.device), self.loss_weights, method=config.method,
                 detach_attention=config.model.detach_attention, backend=config.kernels.backend,
             )
             self.engine.backward(loss)
             self.engine.step()
         self.step += 1
-        terms["lambda_p"] = torch.tensor(weights.adaptation * grl_coeff)
+        terms["lambda_p"] = torch.tensor(self.loss_weights.adaptation * grl_coeff)
         return terms
 
     def validate(self, loader=None) -> Accuracy:
