@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tada-train --config configs/default.yaml
+	$(BIN)/tada-train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

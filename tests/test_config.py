@@ -137,3 +137,15 @@ def test_readme_documents_every_key():
     readme = (REPO / "README.md").read_text()
     missing = [key for key in valid_keys() if f"`{key}`" not in readme]
     assert not missing
+
+
+def test_cli_prints_the_resolved_config_and_rejects_bad_keys(capsys):
+    from tada_dist.train import main
+
+    assert main(["--print-config", "method=dann", "optim.lr=0.02"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["method"] == "dann" and printed["optim"]["lr"] == 0.02
+
+    assert main(["optim.lrr=0.02"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("tada-train: error: unknown config key 'optim.lrr'")
