@@ -30,7 +30,8 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict:
             return metrics
     command = [
         sys.executable, "-m", "tada_dist.train", "--config", args.config,
-        f"data.root={args.data_root}", f"method={method}", f"seed={seed}", f"output_dir={run_dir}",
+        *([f"data.root={args.data_root}"] if args.data_root else []),
+        f"method={method}", f"seed={seed}", f"output_dir={run_dir}",
         f"train.steps={args.steps}", f"tracking.uri=sqlite:///{Path(args.output).resolve() / 'mlflow.db'}",
         *args.overrides,
     ]
@@ -65,7 +66,7 @@ def machine_description() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--data-root", help="folder holding the config's domains (default: the generated dataset)")
     parser.add_argument("--config", default="configs/digits/mnist_to_mnistm.yaml")
     parser.add_argument("--methods", nargs="+", default=["source_only", "dann", "tada"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
