@@ -41,11 +41,6 @@ def ensure_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def env_rank() -> int:
-    """This process's rank before the process group exists (0 outside torchrun)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def init_distributed(backend: str = "auto") -> DistInfo:
     """Join (or create) the process group through DeepSpeed: nccl on GPUs, gloo on CPUs."""
     import deepspeed  # imported here: it is slow to import and prints accelerator detection

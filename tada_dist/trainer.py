@@ -55,11 +55,14 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_domains(config: Config, dist_info: DistInfo) -> tuple[Domain, Domain]:
-    """Rank 0 lists and checks every image once; the other ranks receive the result (or its error)."""
+    """Rank 0 lists and checks every image once; the other ranks receive the result (or its error).
+
+    The generated default dataset is written by every rank (it is locked and idempotent), because
+    nodes need not share a file system."""
+    root = Path(config.data.root) if config.data.root else ensure_synthetic_dataset(default_data_root())
     result: tuple[Domain, Domain] | str
     if dist_info.is_main:
         try:
-            root = Path(config.data.root) if config.data.root else ensure_synthetic_dataset(default_data_root())
             source = load_domain(root / config.data.source, skip_corrupt=config.data.skip_corrupt)
             target = load_domain(root / config.data.target, skip_corrupt=config.data.skip_corrupt)
             check_same_classes(source, target)
