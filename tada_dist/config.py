@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+import tada_kernels
+from tada_dist.data.loader import BACKENDS as LOADER_BACKENDS, DEVICES as LOADER_DEVICES
 from tada_dist.model.tada import METHODS
 
 
@@ -46,8 +48,8 @@ class DataConfig:
     root: str = field(default="", metadata={"doc": "folder holding the domains; empty: the generated default dataset"})
     source: str = field(default="source", metadata={"doc": "source domain: a folder or image-list file under root"})
     target: str = field(default="target", metadata={"doc": "target domain: a folder or image-list file under root"})
-    loader: str = _choice("dali", ("dali", "torch"), "DALI pipelines, or the torchvision fallback")
-    device: str = _choice("auto", ("auto", "cpu", "gpu"), "where DALI decodes; auto: gpu when CUDA is present")
+    loader: str = _choice("dali", LOADER_BACKENDS, "DALI pipelines, or the torchvision fallback")
+    device: str = _choice("auto", ("auto", *LOADER_DEVICES), "where DALI decodes; auto: gpu when CUDA is present")
     batch_size: int = _positive(32, "images per domain per process per micro-step")
     eval_batch_size: int = _positive(256, "images per process per evaluation batch")
     resize: int = _positive(32, "shorter side after resizing")
@@ -108,7 +110,7 @@ class DistributedConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: str = _choice("auto", ("auto", "eager", "triton"), "tada_kernels backend")
+    backend: str = _choice("auto", tada_kernels.BACKENDS, "tada_kernels backend")
 
 
 @dataclass
