@@ -339,7 +339,7 @@ def test_train_state_round_trip_replays_the_same_images(twelve_id_images, backen
     assert [ids_in(images) for images in replayed] == expected
     fresh = _train_loader(twelve_id_images, backend, batch_size=5)
     fresh.load_state_dict(state)
-    # Augmentation is seeded from the position, so even the crops and flips repeat exactly.
+    # Crops and flips are drawn from each batch's key, so even they repeat exactly.
     assert all(torch.equal(next(fresh)[0], images) for images in replayed)
 
 
@@ -470,3 +470,31 @@ def test_synthetic_dataset_is_regenerated_when_its_parameters_change(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_domain(tmp_path / "shapes" / "target").files) == 24
+
+
+def test_dali_and_torch_train_batches_agree_crop_for_crop(tmp_path):
+    """Both backends read the same RandomCrops; without resizing their outputs match exactly."""
+    rng = np.random.default_rng(3)
+    for index in range(6):
+        (tmp_path / "dom" / f"c{index % 2}").mkdir(parents=True, exist_ok=True)
+        noise = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / "dom" / f"c{index % 2}" / f"{index}.png")
+    domain = load_domain(tmp_path / "dom")
+    spec = TransformSpec(resize=12, crop=7, flip=True)
+
+    def batches(backend: str) -> list[torch.Tensor]:
+        loader = create_train_loader(domain, batch_size=4, transform=spec, rank=0, world_size=1, seed=9,
+                                     backend=backend, num_threads=1)
+        return [next(loader)[0] for _ in range(3)]
+
+    dali, torchvision = batches("dali"), batches("torch")
+    for dali_images, torch_images in zip(dali, torchvision):
+        torch.testing.assert_close(dali_images, torch_images, atol=1e-5, rtol=0)
+
+    # The crops really are random: one image repeated through a batch is cut in different places.
+    (tmp_path / "one" / "c").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)).save(tmp_path / "one" / "c" / "0.png")
+    loader = create_train_loader(load_domain(tmp_path / "one"), batch_size=8, transform=spec, rank=0, world_size=1,
+                                 seed=9, num_threads=1)
+    images = next(loader)[0]
+    assert len({tuple(image.flatten().tolist()) for image in images}) > 4

@@ -19,13 +19,15 @@ from nvidia.dali.tensors import TensorListCPU, TensorListGPU
 from tada_dist.data.domain import Domain
 from tada_dist.data.loader import EvalLoader, TrainLoader, torch_device
 from tada_dist.data.sampler import LookaheadSampler, ShardedSampler
-from tada_dist.data.transforms import TransformSpec
+from tada_dist.data.transforms import RandomCrops, TransformSpec
 
 # Batches DALI prepares ahead of the one being consumed: enough to overlap decoding with a training
 # step, few enough to keep memory small.
 _PREFETCH_DEPTH = 2
 
 EncodedBatch = tuple[list[np.ndarray], list[np.ndarray]]
+# Encoded batch plus the crop x, crop y and flip of every image (RandomCrops' arrays).
+AugmentedBatch = tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]
 
 
 class DaliTrainLoader(TrainLoader):
@@ -47,9 +49,9 @@ class DaliTrainLoader(TrainLoader):
         # A fresh pipeline is the only way to drop DALI's prefetched batches.
         self._pipeline = None  # frees the old pipeline's threads and buffers before the new one allocates
         self._pipeline = _build_pipeline(
-            SampledBatchReader(self._domain, self._sampler), batch_info=False, batch_size=self._batch_size,
-            transform=self._transform, train=True, device=self._device, num_threads=self._num_threads,
-            seed=self._augmentation_seed(),
+            SampledBatchReader(self._domain, self._sampler, flip=self._transform.flip), batch_info=False,
+            batch_size=self._batch_size, transform=self._transform, train=True, device=self._device,
+            num_threads=self._num_threads,
         )
 
 
@@ -58,12 +60,16 @@ class SampledBatchReader:
     the lookahead sampler keeps track. It holds no reference to the loader, so that dropping a loader
     frees its pipeline (and the pipeline's threads) at once instead of at the next garbage collection."""
 
-    def __init__(self, domain: Domain, sampler: LookaheadSampler):
+    def __init__(self, domain: Domain, sampler: LookaheadSampler, *, flip: bool):
         self._domain = domain
         self._sampler = sampler
+        self._flip = flip
 
-    def __call__(self) -> EncodedBatch:
-        return _encoded_batch(self._domain.files, self._domain.labels, self._sampler.draw())
+    def __call__(self) -> AugmentedBatch:
+        indices, key = self._sampler.draw()
+        encoded, labels = _encoded_batch(self._domain.files, self._domain.labels, indices)
+        crops = RandomCrops.draw(len(indices), flip=self._flip, key=key)
+        return encoded, labels, crops.x, crops.y, crops.flip  # an [n] array is a batch of n scalars to DALI
 
 
 class DaliEvalLoader(EvalLoader):
@@ -80,7 +86,7 @@ class DaliEvalLoader(EvalLoader):
         # One pipeline per pass: a pass abandoned half-way leaves nothing behind for the next one.
         pipeline = _build_pipeline(
             self._read_batch, batch_info=True, batch_size=self.batch_size, transform=self._transform, train=False,
-            device=self._device, num_threads=self._num_threads, seed=0,
+            device=self._device, num_threads=self._num_threads,
         )
         while True:
             try:
@@ -105,24 +111,28 @@ def _encoded_batch(files: list[str], labels: list[int], positions: Sequence[int]
 
 
 def _build_pipeline(source: Callable, *, batch_info: bool, batch_size: int, transform: TransformSpec, train: bool,
-                    device: str, num_threads: int, seed: int) -> Pipeline:
-    """external source (bytes, label) -> decode RGB -> resize shorter side -> crop (+ flip) -> normalize, CHW."""
+                    device: str, num_threads: int) -> Pipeline:
+    """external source (bytes, label[, crop x, crop y, flip]) -> decode RGB -> resize shorter side -> crop
+    (+ flip) -> normalize, CHW. Training crops come from the source, not from DALI's random ops, whose
+    state cannot be saved in a checkpoint."""
     on_gpu = device == "gpu"
     pipeline = Pipeline(
         batch_size=batch_size, num_threads=num_threads, device_id=torch.cuda.current_device() if on_gpu else None,
-        seed=seed, prefetch_queue_depth=_PREFETCH_DEPTH,
+        prefetch_queue_depth=_PREFETCH_DEPTH,
     )
     with pipeline:
-        encoded, labels = fn.external_source(
-            source=source, num_outputs=2, batch=True, batch_info=batch_info, dtype=[types.UINT8, types.INT64],
-        )
+        if train:
+            encoded, labels, crop_x, crop_y, mirror = fn.external_source(
+                source=source, num_outputs=5, batch=True, batch_info=batch_info,
+                dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32],
+            )
+        else:
+            encoded, labels = fn.external_source(
+                source=source, num_outputs=2, batch=True, batch_info=batch_info, dtype=[types.UINT8, types.INT64],
+            )
+            crop_x, crop_y, mirror = 0.5, 0.5, 0
         images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
         images = fn.resize(images, resize_shorter=transform.resize)
-        if train:
-            crop_x, crop_y = fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))
-            mirror = fn.random.coin_flip() if transform.flip else 0
-        else:
-            crop_x, crop_y, mirror = 0.5, 0.5, 0
         images = fn.crop_mirror_normalize(
             images, crop=(transform.crop, transform.crop), crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=mirror,
             mean=[255.0 * m for m in transform.mean], std=[255.0 * s for s in transform.std],

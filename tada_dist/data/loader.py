@@ -26,12 +26,11 @@ class TrainLoader(ABC):
 
     state_dict() is the sampler position after the last batch returned by next(), however far the
     backend has read ahead; loading it reproduces the same following batches (the same images in the
-    same order). Augmentation is seeded from (seed, rank, position), so it is reproducible as well.
+    same order). Each batch's crops and flips are drawn from its key (see LookaheadSampler.draw), so
+    they are reproduced too: a resumed run sees exactly the batches an uninterrupted one would.
     """
 
     def __init__(self, sampler: ShardedSampler):
-        self._seed = sampler.seed
-        self._rank = sampler.rank
         self._sampler = LookaheadSampler(sampler)
         self.data_wait_seconds = 0.0  # time spent inside next(): what the training loop waited for data
 
@@ -51,13 +50,6 @@ class TrainLoader(ABC):
     def load_state_dict(self, state: dict) -> None:
         self._sampler.load_state_dict(state)
         self._restart()
-
-    def _augmentation_seed(self) -> int:
-        """A seed for the augmentation that starts at the current position. Mixing in the position means
-        a resumed run does not replay the crops and flips of the first steps of the run."""
-        position = self._sampler.state_dict()
-        words = [self._seed, self._rank, position["epoch"], position["cursor"]]
-        return int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)  # 31 bits: DALI takes an int seed
 
     @abstractmethod
     def _produce_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,10 +91,15 @@ class LookaheadSampler:
         self._consumed_position = sampler.state_dict()
         self._positions_in_flight: deque[dict] = deque()
 
-    def draw(self) -> list[int]:
+    def draw(self) -> tuple[list[int], tuple[int, ...]]:
+        """The next batch and its key: (seed, rank, epoch, cursor) right after the batch. The key names
+        the batch uniquely within a run and does not depend on how far ahead anyone read, so
+        augmentation drawn from it is identical in an interrupted-and-resumed run."""
         batch = self._sampler.next_batch()
-        self._positions_in_flight.append(self._sampler.state_dict())
-        return batch
+        position = self._sampler.state_dict()
+        self._positions_in_flight.append(position)
+        sampler = self._sampler
+        return batch, (sampler.seed, sampler.rank, position["epoch"], position["cursor"])
 
     def mark_consumed(self) -> None:
         """The oldest drawn batch has reached the consumer."""

@@ -10,51 +10,49 @@ from collections.abc import Iterator
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
 from tada_dist.data.domain import Domain
 from tada_dist.data.loader import EvalLoader, TrainLoader, torch_device
 from tada_dist.data.sampler import LookaheadSampler, ShardedSampler
-from tada_dist.data.transforms import TransformSpec
+from tada_dist.data.transforms import RandomCrops, TransformSpec
 
 
-class ImageTransform:
-    """TransformSpec on a PIL image. Training randomness comes from a private generator, so the loader
-    never draws from (or disturbs) the global torch RNG that seeds model weights and dropout."""
+# One training image's crop: (crop x, crop y, flip), as in RandomCrops.
+Crop = tuple[float, float, int]
 
-    def __init__(self, spec: TransformSpec, *, train: bool, seed: int = 0):
-        self.spec = spec
-        self.train = train
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        spec = self.spec
-        pixels = F.resize(F.pil_to_tensor(image.convert("RGB")), [spec.resize], antialias=True)
-        if self.train:
-            height, width = pixels.shape[-2:]
-            top = int(torch.randint(height - spec.crop + 1, (1,), generator=self.generator))
-            left = int(torch.randint(width - spec.crop + 1, (1,), generator=self.generator))
-            pixels = F.crop(pixels, top, left, spec.crop, spec.crop)
-            if spec.flip and bool(torch.rand((), generator=self.generator) < 0.5):
-                pixels = F.horizontal_flip(pixels)
-        else:
-            pixels = F.center_crop(pixels, [spec.crop, spec.crop])
-        return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(spec.mean), list(spec.std))
+def transform_image(image: Image.Image, spec: TransformSpec, crop: Crop | None) -> torch.Tensor:
+    """TransformSpec on a PIL image: `crop` places the training crop; None takes the centre (evaluation)."""
+    pixels = F.resize(F.pil_to_tensor(image.convert("RGB")), [spec.resize], antialias=True)
+    if crop is None:
+        pixels = F.center_crop(pixels, [spec.crop, spec.crop])
+    else:
+        crop_x, crop_y, flip = crop
+        height, width = pixels.shape[-2:]
+        top, left = round(crop_y * (height - spec.crop)), round(crop_x * (width - spec.crop))
+        pixels = F.crop(pixels, top, left, spec.crop, spec.crop)
+        if flip:
+            pixels = F.horizontal_flip(pixels)
+    return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(spec.mean), list(spec.std))
 
 
 class ImageDataset(Dataset):
-    def __init__(self, files: list[str], labels: list[int], transform: ImageTransform):
+    """Items are an index (centre crop) or an (index, crop) pair from SamplerBatches."""
+
+    def __init__(self, files: list[str], labels: list[int], spec: TransformSpec):
         self.files = files
         self.labels = labels
-        self.transform = transform
+        self.spec = spec
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, Crop]) -> tuple[torch.Tensor, int]:
+        index, crop = item if isinstance(item, tuple) else (item, None)
         with Image.open(self.files[index]) as image:
-            return self.transform(image), self.labels[index]
+            return transform_image(image, self.spec, crop), self.labels[index]
 
 
 class TorchTrainLoader(TrainLoader):
@@ -72,34 +70,28 @@ class TorchTrainLoader(TrainLoader):
         return images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
 
     def _restart(self) -> None:
-        # A new DataLoader iterator drops what the workers prefetched; seeding both the in-process
-        # transform and the workers' base seed from the position keeps augmentation reproducible.
-        seed = self._augmentation_seed()
-        transform = ImageTransform(self._transform, train=True, seed=seed)
-        dataset = ImageDataset(self._domain.files, self._domain.labels, transform)
+        # A new DataLoader iterator drops what the workers prefetched.
+        dataset = ImageDataset(self._domain.files, self._domain.labels, self._transform)
         loader = DataLoader(
-            dataset, batch_sampler=SamplerBatches(self._sampler), num_workers=self._num_workers,
-            worker_init_fn=_seed_worker_transform, generator=torch.Generator().manual_seed(seed),
-            pin_memory=self._device.type == "cuda",
+            dataset, batch_sampler=SamplerBatches(self._sampler, flip=self._transform.flip),
+            num_workers=self._num_workers, pin_memory=self._device.type == "cuda",
         )
         self._batches = iter(loader)
 
 
 class SamplerBatches:
-    """The DataLoader's batch sampler: endless batches drawn from the loader's lookahead sampler."""
+    """The DataLoader's batch sampler: endless batches drawn from the loader's lookahead sampler, each
+    index paired with its crop, so that workers hold no random state of their own."""
 
-    def __init__(self, sampler: LookaheadSampler):
+    def __init__(self, sampler: LookaheadSampler, *, flip: bool):
         self._sampler = sampler
+        self._flip = flip
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, Crop]]]:
         while True:
-            yield self._sampler.draw()
-
-
-def _seed_worker_transform(worker_id: int) -> None:
-    """Each worker gets its own augmentation stream, derived from the DataLoader's seeded generator."""
-    info = get_worker_info()
-    info.dataset.transform.generator.manual_seed(info.seed)
+            indices, key = self._sampler.draw()
+            crops = RandomCrops.draw(len(indices), flip=self._flip, key=key)
+            yield [(i, (float(x), float(y), int(f))) for i, x, y, f in zip(indices, crops.x, crops.y, crops.flip)]
 
 
 class TorchEvalLoader(EvalLoader):
@@ -108,7 +100,7 @@ class TorchEvalLoader(EvalLoader):
         super().__init__(domain, batch_size=batch_size, rank=rank, world_size=world_size)
         self._device = torch_device(device)
         self._loader = DataLoader(
-            ImageDataset(self.files, self.labels, ImageTransform(transform, train=False)), batch_size=batch_size,
+            ImageDataset(self.files, self.labels, transform), batch_size=batch_size,
             shuffle=False, num_workers=num_threads, pin_memory=self._device.type == "cuda",
         )
 
