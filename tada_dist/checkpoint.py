@@ -1,20 +1,48 @@
-"""Checkpoints through DeepSpeed's `save_checkpoint`/`load_checkpoint`, plus per-rank RNG state.
+"""Checkpoints that survive crashes: written under a temporary name, verified on load, pruned to the last N.
 
-DeepSpeed saves the module, optimizer, LR scheduler and our client state (step, data positions,
-MLflow run id), and points `latest` at the newest tag. Client state is written by rank 0 only, so
-each rank's own random generators go into a small file of their own beside it.
+    checkpoints/
+      step00000400/           complete: DeepSpeed's files, rng_rank<r>.pt per rank, manifest.json
+      step00000500/
+      latest                  "step00000500", replaced atomically after the rename
+      .partial-step00000600/  a save in progress, or one a crash interrupted: never loaded, removed later
+
+DeepSpeed writes the module, optimizer, LR scheduler and our client state (step, data positions,
+MLflow run id); each rank adds its own random generators. Once every rank has written, rank 0 records
+the size and SHA-256 of every file in manifest.json, renames the folder to its step tag and only then
+points `latest` at it. A process killed at any moment therefore leaves either the previous complete
+checkpoint or the new one, never half of one. On load, a checkpoint whose files no longer match its
+manifest is skipped with a warning for the newest older one that does.
+
+The checkpoint folder must be visible to every rank (a shared file system on several nodes), as
+DeepSpeed's own resume requires.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
+import re
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from tada_dist.distributed import DistInfo, barrier, broadcast_object
+
 CHECKPOINT_SUBDIR = "checkpoints"
+LATEST_FILE = "latest"  # DeepSpeed's name, so its own tools (zero_to_fp32.py) find our checkpoints
+MANIFEST_FILE = "manifest.json"
+PARTIAL_PREFIX = ".partial-"
+_TAG_PATTERN = re.compile(r"step(\d{8})")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was required."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -44,42 +72,170 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any], rank: int) -> Path:
-    """Collective: every rank must call it at the same step."""
+# -- saving ---------------------------------------------------------------------------------------
+
+
+def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any], dist_info: DistInfo,
+         *, keep: int = 0) -> Path:
+    """Collective: every rank calls it at the same step. Returns the complete checkpoint's folder.
+
+    keep > 0 removes all but the newest `keep` complete checkpoints afterwards."""
     ckpt_dir = checkpoint_dir(output_dir)
     tag = step_tag(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
-    tag_dir = ckpt_dir / tag
-    torch.save(capture_rng_state(), _rng_file(tag_dir, rank))
-    return tag_dir
+    partial = PARTIAL_PREFIX + tag
+    if dist_info.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _remove_partial_saves(ckpt_dir)  # what an earlier crash left behind
+    barrier()
+
+    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
+    torch.save(capture_rng_state(), _rng_file(ckpt_dir / partial, dist_info.rank))
+    barrier()  # every rank's files are on disk
+
+    final = ckpt_dir / tag
+    if dist_info.is_main:
+        _write_manifest(ckpt_dir / partial, step)
+        if final.exists():  # the same step saved again (a resumed run's last step): replace it
+            shutil.rmtree(final)
+        os.replace(ckpt_dir / partial, final)
+        _write_atomically(ckpt_dir / LATEST_FILE, tag)
+        if keep > 0:
+            prune(ckpt_dir, keep)
+    barrier()
+    return final
 
 
-def latest_tag(output_dir: str | Path) -> str | None:
-    pointer = checkpoint_dir(output_dir) / "latest"
-    return pointer.read_text().strip() if pointer.is_file() else None
+def prune(ckpt_dir: Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints; `latest`'s target is always kept."""
+    pointed = read_latest(ckpt_dir)
+    tags = complete_tags(ckpt_dir)
+    removed = [tag for tag in tags[keep:] if tag != pointed]
+    for tag in removed:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    return removed
 
 
-def load_latest(engine, output_dir: str | Path, rank: int) -> dict[str, Any] | None:
-    """Restore engine and RNG state from the newest checkpoint; None when there is none."""
-    if latest_tag(output_dir) is None:
+def _remove_partial_saves(ckpt_dir: Path) -> None:
+    for leftover in ckpt_dir.glob(PARTIAL_PREFIX + "*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _write_manifest(tag_dir: Path, step: int) -> None:
+    files = {
+        str(path.relative_to(tag_dir)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(tag_dir.rglob("*")) if path.is_file()
+    }
+    _write_atomically(tag_dir / MANIFEST_FILE, json.dumps({"step": step, "files": files}, indent=1))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary name, flush it to disk, then rename: readers see the old or the new file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- finding and verifying ------------------------------------------------------------------------
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    pointer = ckpt_dir / LATEST_FILE
+    if not pointer.is_file():
         return None
-    load_path, client_state = engine.load_checkpoint(str(checkpoint_dir(output_dir)))
+    tag = pointer.read_text().strip()
+    return tag if _TAG_PATTERN.fullmatch(tag) else None
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags of the folders that finished saving (renamed, with a manifest), newest step first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [path.name for path in ckpt_dir.iterdir()
+            if _TAG_PATTERN.fullmatch(path.name) and (path / MANIFEST_FILE).is_file()]
+    return sorted(tags, reverse=True)
+
+
+def verify(tag_dir: Path) -> str | None:
+    """Why the checkpoint in `tag_dir` is unusable, or None when every file matches its manifest."""
+    try:
+        manifest = json.loads((tag_dir / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable {MANIFEST_FILE} ({err})"
+    for name, expected in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def find_resumable(output_dir: str | Path) -> Path | None:
+    """The newest verified checkpoint: `latest`'s target, else the newest older one that verifies.
+
+    Each one skipped is named in a warning with the reason. Checkpoints newer than `latest` are not
+    considered: they belong to an earlier run in the same folder that this one has replaced."""
+    ckpt_dir = checkpoint_dir(output_dir)
+    tags = complete_tags(ckpt_dir)
+    pointed = read_latest(ckpt_dir)
+    if pointed is not None:
+        tags = [pointed] + [tag for tag in tags if tag < pointed]
+    for tag in tags:
+        problem = verify(ckpt_dir / tag)
+        if problem is None:
+            return ckpt_dir / tag
+        warnings.warn(f"checkpoint {ckpt_dir / tag} is unusable: {problem}; trying the previous one",
+                      stacklevel=2)
+    return None
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def load_latest(engine, output_dir: str | Path, dist_info: DistInfo) -> dict[str, Any] | None:
+    """Restore engine and RNG state from the newest usable checkpoint; None when there is none.
+
+    Rank 0 picks and verifies it and tells the others, so every rank loads the same one."""
+    chosen = find_resumable(output_dir) if dist_info.is_main else None
+    chosen = broadcast_object(None if chosen is None else chosen.name)
+    if chosen is None:
+        return None
+    ckpt_dir = checkpoint_dir(output_dir)
+    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=chosen)
     if load_path is None:
-        return None
-    rng_file = _rng_file(Path(load_path), rank)
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / chosen}")
+    rng_file = _rng_file(ckpt_dir / chosen, dist_info.rank)
     if rng_file.is_file():
         restore_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
 
 
 def load_module_weights(output_dir: str | Path) -> tuple[dict[str, torch.Tensor], int]:
-    """The model weights of the latest checkpoint (for evaluation, without a DeepSpeed engine)."""
-    tag = latest_tag(output_dir)
-    if tag is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(output_dir)} (expected a 'latest' file)")
-    states_file = checkpoint_dir(output_dir) / tag / "mp_rank_00_model_states.pt"
-    if not states_file.is_file():
-        raise FileNotFoundError(f"checkpoint {tag} is incomplete: missing {states_file}")
-    states = torch.load(states_file, map_location="cpu", weights_only=False)
+    """The model weights of the newest usable checkpoint (for evaluation, without a DeepSpeed engine)."""
+    tag_dir = find_resumable(output_dir)
+    if tag_dir is None:
+        raise FileNotFoundError(
+            f"no usable checkpoint in {checkpoint_dir(output_dir)} (expected step<N>/ folders with a {MANIFEST_FILE})"
+        )
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     weights = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in states["module"].items()}
     return weights, int(states.get("step", 0))

@@ -98,6 +98,9 @@ class TrainConfig:
     steps: int = _positive(1500, "optimizer steps")
     log_every: int = _positive(25, "steps between metric logs")
     eval_every: int = _non_negative(500, "steps between target evaluations; 0: only at the end")
+    max_nonfinite_steps: int = _positive(
+        10, "a step whose loss is NaN/inf on any rank is skipped; this many in a row stop the run"
+    )
 
 
 @dataclass
@@ -126,6 +129,7 @@ class TrackingConfig:
 class CheckpointConfig:
     every: int = _non_negative(500, "steps between checkpoints; 0: only at the end")
     resume: bool = field(default=True, metadata={"doc": "continue from the latest checkpoint in output_dir"})
+    keep: int = _non_negative(3, "complete checkpoints kept (older ones are deleted); 0: keep all")
 
 
 @dataclass

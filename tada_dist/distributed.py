@@ -57,8 +57,21 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     if backend == "nccl" and device.type != "cuda":
         raise RuntimeError("distributed.backend=nccl needs CUDA devices; use gloo (or auto) on CPU machines")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        _init_process_group(backend)
+        deepspeed.init_distributed(dist_backend=backend)  # adopts the group
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
+
+
+def _init_process_group(backend: str) -> None:
+    """env:// initialisation, with the store keys of each torchrun restart under their own prefix.
+
+    torchrun keeps one store for the whole job. Without a prefix, the workers of a restarted group can
+    read the addresses the failed group published and try to connect to processes that are gone
+    (gloo: "connectFullMesh failed ... Connection refused"), which costs a restart each time."""
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"tada-dist/attempt{attempt}", store),
+                            rank=rank, world_size=world_size)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -66,6 +79,31 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over all ranks, in one small all-reduce, so that every rank takes the same branch."""
+    values = torch.tensor([float(flag) for flag in flags], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]
+
+
+def average_batchnorm_statistics(model: torch.nn.Module) -> None:
+    """Give every rank the mean of the ranks' BatchNorm running statistics.
+
+    Each rank's statistics follow its own shard of the data, and DeepSpeed neither synchronises
+    buffers nor saves any rank's but rank 0's. Averaging before evaluation and before each checkpoint
+    makes evaluation use all the data's statistics, equal on every rank, and makes a resumed run
+    continue from exactly the state it saved."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for buffer in (module.running_mean, module.running_var):
+                total = buffer.detach().float()  # a copy: gloo has no bf16 reduction
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+                buffer.copy_(total / dist.get_world_size())
 
 
 def broadcast_object(value, src: int = 0):

@@ -53,6 +53,9 @@ class Tracker:
         self.uri = uri
         self.experiment = experiment
         self.run_id: str | None = None
+        # Per metric, the last step already in the run: a resumed run replays the steps after its
+        # checkpoint, and those must not be logged twice.
+        self._logged_through: dict[str, int] = {}
 
     def start(self, *, run_id: str | None, run_name: str | None, system_metrics: bool, tags: dict[str, Any]) -> None:
         """Open a new run, or reopen `run_id` when resuming."""
@@ -66,6 +69,11 @@ class Tracker:
         mlflow.set_experiment(self.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=system_metrics)
         self.run_id = run.info.run_id
+        if run_id is not None:
+            client = mlflow.tracking.MlflowClient()
+            self._logged_through = {
+                key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics
+            }
         mlflow.set_tags({"git_commit": _git_commit(), **{k: str(v) for k, v in tags.items()}})
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -80,7 +88,9 @@ class Tracker:
             return
         import mlflow
 
-        mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
+        fresh = {key: float(value) for key, value in metrics.items() if step > self._logged_through.get(key, -1)}
+        if fresh:
+            mlflow.log_metrics(fresh, step=step)
 
     def log_artifact(self, path: str | Path) -> None:
         if not self.active:

@@ -48,16 +48,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from tada_dist.data import DataError
-    from tada_dist.trainer import Trainer, report
+    from tada_dist.trainer import NonFiniteLossError, Trainer, report
 
     try:
         trainer = Trainer(config)
     except (DataError, FileNotFoundError) as err:
         print(f"tada-train: error: {err}", file=sys.stderr)
         return 2
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except NonFiniteLossError as err:
+        if trainer.dist.is_main:
+            print(f"tada-train: error: {err}", file=sys.stderr)
+        return 1
     if trainer.dist.is_main:
         report(summary)
+    # A run stopped by SIGTERM exits 0 too: it saved its state and the same command resumes it.
     return 0
 
 

@@ -3,7 +3,9 @@
     source batch + target batch -> TADA model (DeepSpeed engine) -> eq. 9 -> engine.backward/step
     every log_every steps: metrics to the progress bar and MLflow (rank 0)
     every eval_every steps: target accuracy, counted once per image across ranks
-    every checkpoint.every steps: DeepSpeed checkpoint with our client state
+    every checkpoint.every steps: DeepSpeed checkpoint with our client state, written atomically
+    a NaN/inf loss on any rank: every rank skips the step (no update); too many in a row stop the run
+    SIGTERM: finish the step, save a checkpoint, exit; the same command resumes
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import os
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,11 +36,19 @@ from tada_dist.data import (
 )
 from tada_dist.data.synthetic import ensure_synthetic_dataset
 from tada_dist.deepspeed_config import deepspeed_config
-from tada_dist.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from tada_dist.distributed import (
+    DistInfo,
+    any_rank,
+    average_batchnorm_statistics,
+    barrier,
+    broadcast_object,
+    init_distributed,
+)
 from tada_dist.evaluate import Accuracy, evaluate_accuracy
 from tada_dist.losses import LossWeights, tada_objective
 from tada_dist.model import create_model, method_parts
 from tada_dist.optim import create_optimizer
+from tada_dist.preemption import StopRequest
 from tada_dist.schedules import create_lr_scheduler, grl_schedule, progress
 from tada_dist.tracking import Tracker, resolve_tracking_uri, ui_command
 
@@ -110,6 +122,31 @@ def match_batchnorm_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
             module.running_var.data = module.running_var.data.to(dtype)
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN/inf for train.max_nonfinite_steps steps in a row."""
+
+
+def zero_gradient_loss(model: torch.nn.Module) -> torch.Tensor:
+    """A loss whose gradient is exactly zero for every trainable parameter. It stands in for a
+    non-finite loss so that backward still runs on every rank (DeepSpeed's gradient reduction and
+    accumulation count expect it) without a single NaN reaching the gradients."""
+    return sum((parameter * 0.0).sum() for parameter in model.parameters() if parameter.requires_grad)
+
+
+@contextmanager
+def frozen_optimizer(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Make the next SGD step a no-op: with lr, momentum and weight decay at 0 it changes neither the
+    parameters nor the momentum buffers. The LR scheduler sets the next step's rate itself."""
+    saved = [(group["momentum"], group["weight_decay"]) for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(lr=0.0, momentum=0.0, weight_decay=0.0)
+    try:
+        yield
+    finally:
+        for group, (momentum, weight_decay) in zip(optimizer.param_groups, saved):
+            group.update(momentum=momentum, weight_decay=weight_decay)
+
+
 @dataclass
 class RunningMeans:
     """Averages of the loss terms since the last log. Sums stay tensors until then, so that a step
@@ -167,9 +204,15 @@ class Trainer:
         seed_everything(config.seed + 1000 * self.dist.rank)  # dropout differs between ranks
 
         self.step = 0
-        resumed = checkpoint.load_latest(self.engine, self.output_dir, self.dist.rank) if config.checkpoint.resume else None
+        self.skipped_steps = 0  # steps skipped for a non-finite loss, over the whole run
+        self.nonfinite_streak = 0  # of them, how many in a row up to now
+        self.saved_step: int | None = None
+        self.stop = StopRequest()
+        self.stop_agreed = False
+        resumed = checkpoint.load_latest(self.engine, self.output_dir, self.dist) if config.checkpoint.resume else None
         if resumed is not None:
-            self.step = int(resumed["step"])
+            self.step = self.saved_step = int(resumed["step"])
+            self.skipped_steps = int(resumed.get("skipped_steps", 0))
             self.source_loader.load_state_dict(resumed["data"]["source"])
             self.target_loader.load_state_dict(resumed["data"]["target"])
             if self.dist.is_main:
@@ -213,7 +256,8 @@ class Trainer:
             save_config(config, self.output_dir / "config.yaml")
             (self.output_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2))
         if run_id is None:
-            self.tracker.log_params(flatten(to_dict(config)))
+            self.tracker.log_params({**flatten(to_dict(config)), "world_size": self.dist.world_size,
+                                     "global_batch": self.global_batch()})
             self.tracker.log_artifact(self.output_dir / "config.yaml")
             self.tracker.log_artifact(self.output_dir / "deepspeed_config.json")
 
@@ -222,12 +266,17 @@ class Trainer:
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.dist.device, dtype=self.input_dtype, non_blocking=True)
 
-    def train_step(self) -> dict[str, torch.Tensor]:
+    def train_step(self) -> dict[str, torch.Tensor] | None:
+        """One optimizer step over grad_accum micro-batches. Returns the loss terms, or None when a
+        NaN/inf loss on any rank made every rank skip the step: no parameter, optimizer or BatchNorm
+        statistic changes, but the batches are consumed and the step counts."""
         config = self.config
         p = progress(self.step, config.train.steps)
         grl_coeff = grl_schedule(p, alpha=config.schedule.grl_alpha)
         self.model.set_grl_coeff(grl_coeff)
         self.engine.train()
+        statistics = [buffer.detach().clone() for buffer in self.model.buffers()]
+        finite = True
         for _ in range(config.distributed.grad_accum):
             source_images, source_labels = next(self.source_loader)
             target_images = self._to_device(next(self.target_loader)[0]) if self.adapts else None
@@ -236,54 +285,95 @@ class Trainer:
                 outputs, source_labels.to(self.dist.device), self.loss_weights, method=config.method,
                 detach_attention=config.model.detach_attention, backend=config.kernels.backend,
             )
-            self.engine.backward(loss)
-            self.engine.step()
+            # One all-reduce answers both questions every rank must answer alike: skip? stop?
+            nonfinite, stop = any_rank([not bool(torch.isfinite(loss)), self.stop.requested], self.dist.device)
+            self.stop_agreed = self.stop_agreed or stop
+            finite = finite and not nonfinite
+            if finite:
+                self.engine.backward(loss)
+                self.engine.step()
+                continue
+            self.engine.backward(zero_gradient_loss(self.model))
+            if self.engine.is_gradient_accumulation_boundary():
+                with frozen_optimizer(self.optimizer):
+                    self.engine.step()
+            else:
+                self.engine.step()
         self.step += 1
+        if not finite:
+            for buffer, saved in zip(self.model.buffers(), statistics):
+                buffer.copy_(saved)
+            return None
         terms["lambda_p"] = torch.tensor(self.loss_weights.adaptation * grl_coeff)
         return terms
 
     def validate(self, loader=None) -> Accuracy:
+        average_batchnorm_statistics(self.model)
         self.engine.eval()
         return evaluate_accuracy(self.model, loader or self.eval_loader, self.num_classes,
                                  device=self.dist.device, dtype=self.input_dtype)
 
     def save(self) -> None:
+        """Checkpoint the current step, unless it is saved already or the run is inside a streak of
+        non-finite losses (the weights may be what went bad; the last good checkpoint stays the newest)."""
+        if self.saved_step == self.step:
+            return
+        if self.nonfinite_streak:
+            if self.dist.is_main:
+                tqdm.write(f"step {self.step}: not saving a checkpoint during {self.nonfinite_streak} non-finite steps")
+            return
+        average_batchnorm_statistics(self.model)
         client_state = {
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
             "data": {"source": self.source_loader.state_dict(), "target": self.target_loader.state_dict()},
             "mlflow_run_id": self.tracker.run_id,
         }
-        checkpoint.save(self.engine, self.output_dir, self.step, client_state, self.dist.rank)
+        checkpoint.save(self.engine, self.output_dir, self.step, client_state, self.dist,
+                        keep=self.config.checkpoint.keep)
+        self.saved_step = self.step
 
     # -- the loop -------------------------------------------------------------------------------
 
+    def global_batch(self) -> int:
+        """Images per domain in one optimizer step: per-rank batch x ranks x accumulation."""
+        return self.config.data.batch_size * self.dist.world_size * self.config.distributed.grad_accum
+
     def images_per_step(self) -> int:
-        per_domain = self.config.data.batch_size * self.config.distributed.grad_accum * self.dist.world_size
-        return per_domain * (2 if self.adapts else 1)
+        return self.global_batch() * (2 if self.adapts else 1)
 
     def fit(self) -> dict:
+        """Train to train.steps (or until SIGTERM) and return the summary; "stopped" is set when a
+        stop signal ended the run early, after its checkpoint."""
         try:
-            summary = self._fit()
+            with self.stop:
+                summary = self._fit()
         except KeyboardInterrupt:
             self.tracker.finish("KILLED")
             raise
         except BaseException:
             self.tracker.finish("FAILED")
             raise
-        self.tracker.finish("FINISHED")
+        self.tracker.finish("KILLED" if summary.get("stopped") else "FINISHED")
         return summary
 
     def _fit(self) -> dict:
         config = self.config
         total = config.train.steps
         log_every, eval_every, ckpt_every = config.train.log_every, config.train.eval_every, config.checkpoint.every
+        if self.dist.is_main:
+            print(f"global batch {self.global_batch()} per domain = {config.data.batch_size} per rank x "
+                  f"{self.dist.world_size} ranks x {config.distributed.grad_accum} accumulation", flush=True)
         bar = tqdm(total=total, initial=self.step, disable=not self.dist.is_main, desc=config.method,
                    dynamic_ncols=True, unit="step")
         means = RunningMeans()
         started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
         wait_before = self.source_loader.data_wait_seconds + self.target_loader.data_wait_seconds
         while self.step < total:
-            means.add(self.train_step())
+            terms = self.train_step()
+            self._count_nonfinite(terms is None, bar)
+            if terms is not None:
+                means.add(terms)
             window_steps += 1
             bar.update(1)
             if self.step % log_every == 0 or self.step == total:
@@ -294,6 +384,7 @@ class Trainer:
                     images_per_sec=self.images_per_step() * window_steps / elapsed,
                     data_wait_sec=(wait_now - wait_before) / window_steps,
                     lr=self.optimizer.param_groups[0]["lr"],
+                    skipped_steps=self.skipped_steps,
                 )
                 self.tracker.log_metrics(metrics, step=self.step)
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "cls", "images_per_sec") if k in metrics})
@@ -304,10 +395,39 @@ class Trainer:
                 bar.write(f"step {self.step}: target accuracy {self.last_accuracy.overall:.2f}%")
             if (ckpt_every and self.step % ckpt_every == 0) or self.step == total:
                 self.save()
+            if self.stop_agreed and self.step < total:
+                self.save()
+                bar.close()
+                return self._stopped_summary()
         bar.close()
         if self.last_accuracy is None:  # resumed at the final step: nothing trained, still report
             self.last_accuracy = self.validate()
         return self._write_summary(time.perf_counter() - started)
+
+    def _count_nonfinite(self, skipped: bool, bar: tqdm) -> None:
+        if not skipped:
+            self.nonfinite_streak = 0
+            return
+        self.skipped_steps += 1
+        self.nonfinite_streak += 1
+        bar.write(f"step {self.step}: loss is NaN/inf on some rank; step skipped "
+                  f"({self.nonfinite_streak} in a row, {self.skipped_steps} in this run)")
+        limit = self.config.train.max_nonfinite_steps
+        if self.nonfinite_streak >= limit:
+            last_good = checkpoint.read_latest(checkpoint.checkpoint_dir(self.output_dir))
+            where = checkpoint.checkpoint_dir(self.output_dir) / last_good if last_good else "none saved yet"
+            raise NonFiniteLossError(
+                f"the loss was NaN/inf for {limit} steps in a row (steps {self.step - limit + 1}-{self.step}, "
+                f"train.max_nonfinite_steps={limit}); the last good checkpoint is {where}"
+            )
+
+    def _stopped_summary(self) -> dict:
+        """What a run stopped by a signal reports: where it stopped and where it saved."""
+        signal_name = self.stop.received.name if self.stop.received else "a stop signal on another rank"
+        return {"stopped": signal_name, "step": self.step, "method": self.config.method,
+                "checkpoint": str(checkpoint.checkpoint_dir(self.output_dir) / checkpoint.step_tag(self.step))
+                if self.saved_step == self.step else None,
+                "mlflow_run_id": self.tracker.run_id}
 
     def _write_summary(self, wall_seconds: float) -> dict:
         accuracy = self.last_accuracy
@@ -329,6 +449,11 @@ class Trainer:
 
 def report(summary: dict) -> None:
     """What a user needs at the end of a run: the accuracy and how to look at the run in MLflow."""
+    if summary.get("stopped"):
+        saved = f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "no new checkpoint"
+        print(f"stopped by {summary['stopped']} at step {summary['step']}; {saved}; "
+              "run the same command to resume", flush=True)
+        return
     print(f"target accuracy: {summary['target_acc']:.2f}% after {summary['step']} steps ({summary['method']})")
     if summary.get("tracking_uri"):
         print(f"MLflow run {summary['mlflow_run_id']}; open the UI with:\n  {ui_command(summary['tracking_uri'])}")
