@@ -1,7 +1,8 @@
 """tada_kernels: the TADA-specific ops (region discriminators, entropy attention, attentive entropy).
 
-Each op lives in its own module with one public function; `backend=` picks the implementation
-(see backend.py). Every op accumulates in fp32 and is differentiable.
+Each op lives in its own module with one public function, its fused Triton kernels with their
+launchers and torch.autograd.Function, and the eager PyTorch reference; `backend=` picks the
+implementation (see backend.py). Every op accumulates in fp32 and is differentiable.
 """
 
 from .attentive_entropy import attentive_entropy

@@ -1,4 +1,5 @@
-"""tada_kernels eager backend against explicit references: values, every gradient, dropout, dtypes, errors."""
+"""tada_kernels eager backend against explicit references: values, every gradient, dropout, dtypes, errors;
+backend selection. The Triton backend has its own tests in test_kernels_triton.py."""
 
 import math
 
@@ -272,8 +273,9 @@ def test_backends_auto_and_eager_agree(op):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_backend_triton_is_refused_in_this_build(op):
-    with pytest.raises(RuntimeError, match="'triton' is not available in this build; use backend 'eager' or 'auto'"):
+def test_backend_triton_on_cpu_tensors_needs_the_interpreter(op, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="use CUDA tensors, or set TRITON_INTERPRET=1 before triton is imported"):
         OPS[op]("triton")
 
 
@@ -284,5 +286,8 @@ def test_unknown_backend_lists_allowed_values(op):
 
 
 def test_resolve_backend():
-    assert tada_kernels.resolve_backend("auto") == "eager"
-    assert tada_kernels.resolve_backend("eager") == "eager"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tada_kernels.resolve_backend("auto", cpu) == "eager"
+    assert tada_kernels.resolve_backend("auto", cuda) == "triton"
+    assert tada_kernels.resolve_backend("eager", cuda) == "eager"
+    assert tada_kernels.resolve_backend("triton", cuda) == "triton"
