@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Every GPU check in one go, for a machine with one NVIDIA GPU and a python that has torch and triton
+# (pytest optional; DALI, DeepSpeed and MLflow are not needed). It runs from a plain checkout and
+# installs nothing: tada_dist and tada_kernels are put on PYTHONPATH.
+#
+#   bash bench/gpu_suite.sh OUT_DIR          PYTHON=/path/to/python to pick the interpreter
+#
+# 1. the kernel tests on the GPU, without the Triton interpreter;
+# 2. bench/bench_kernels.py (full sweep) and 3. bench/bench_step.py (ResNet-50, bf16);
+# then a short summary. OUT_DIR receives the logs, CSV and markdown results, nvidia-smi output and
+# versions. About 8 minutes on an H200; each stage has a time limit so the whole run stays near that.
+# Exit status: 0 when every stage passed, 1 when one failed, timed out or was skipped, 2 when it
+# cannot start (no GPU, no torch or triton).
+set -uo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: bash bench/gpu_suite.sh OUT_DIR" >&2
+    exit 2
+fi
+PYTHON=${PYTHON:-python3}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+
+# Check the machine before writing anything.
+if ! command -v "$PYTHON" >/dev/null; then
+    echo "gpu_suite.sh: no python interpreter '$PYTHON'; set PYTHON=/path/to/python" >&2
+    exit 2
+fi
+if ! "$PYTHON" -c 'import torch, triton' 2>/dev/null; then
+    echo "gpu_suite.sh: $PYTHON cannot import torch and triton; both are needed" >&2
+    exit 2
+fi
+if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "gpu_suite.sh: no CUDA device: torch.cuda.is_available() is False; this suite needs an NVIDIA GPU" >&2
+    exit 2
+fi
+
+mkdir -p "$1"
+OUT_DIR=$(cd "$1" && pwd)
+
+# pyproject maps the package tada_kernels to the folder kernels/; without an install, a symlink named
+# tada_kernels in a scratch folder on PYTHONPATH gives the folder that name.
+SHIM=$(mktemp -d)
+trap 'rm -rf "$SHIM"' EXIT
+ln -s "$REPO/kernels" "$SHIM/tada_kernels"
+export PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET  # real kernels on the GPU; the interpreter is for CPU-only machines
+
+{ nvidia-smi && nvidia-smi -q; } >"$OUT_DIR/nvidia-smi.txt" 2>&1 || echo "nvidia-smi not available" >>"$OUT_DIR/nvidia-smi.txt"
+"$PYTHON" - >"$OUT_DIR/versions.txt" 2>&1 <<'EOF'
+import platform, torch, triton
+print("python", platform.python_version(), platform.machine())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("triton", triton.__version__)
+print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+EOF
+echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)" >>"$OUT_DIR/versions.txt"
+cat "$OUT_DIR/versions.txt"
+
+SUMMARY=()
+FAILED=0
+
+# run_stage NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.log, record the outcome.
+run_stage() {
+    local name=$1 limit=$2 started=$SECONDS status
+    shift 2
+    echo
+    echo "== $name (limit ${limit} s): $*"
+    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+    status=${PIPESTATUS[0]}
+    local outcome="ok"
+    if [[ $status -eq 124 || $status -eq 137 ]]; then
+        outcome="TIMED OUT"
+    elif [[ $status -ne 0 ]]; then
+        outcome="FAILED (exit $status)"
+    fi
+    [[ $outcome == ok ]] || FAILED=1
+    SUMMARY+=("$(printf '%-14s %-18s %4d s' "$name" "$outcome" $((SECONDS - started)))")
+}
+
+TESTS=()
+for test_file in tests/test_kernels_triton.py tests/test_kernels_api.py; do
+    [[ -f $test_file ]] && TESTS+=("$test_file")
+done
+if ! "$PYTHON" -c 'import pytest' 2>/dev/null; then
+    skipped="pytest is not installed for $PYTHON"
+elif [[ ${#TESTS[@]} -eq 0 ]]; then
+    skipped="no kernel test files in tests/"
+fi
+if [[ -n ${skipped:-} ]]; then
+    echo "$skipped: kernel tests skipped, the benchmarks still run" | tee "$OUT_DIR/tests.log"
+    SUMMARY+=("$(printf '%-14s %s' tests "SKIPPED ($skipped)")")
+    FAILED=1
+else
+    run_stage tests 140 "$PYTHON" -m pytest -p no:cacheprovider -q "${TESTS[@]}"
+fi
+run_stage bench_kernels 230 "$PYTHON" bench/bench_kernels.py --time-limit 170 --out-dir "$OUT_DIR"
+run_stage bench_step 90 "$PYTHON" bench/bench_step.py --out-dir "$OUT_DIR"
+
+# The short table last: stage outcomes, the kernel targets and the training-step comparison.
+echo
+echo "== summary (everything is in $OUT_DIR)"
+printf '%s\n' "${SUMMARY[@]}"
+if [[ -f $OUT_DIR/kernels.md ]]; then
+    echo
+    sed -n '/^## Targets/,/^## grouped_mlp/p' "$OUT_DIR/kernels.md" | sed '1d;$d'
+fi
+if [[ -f $OUT_DIR/step.md ]]; then
+    grep -E '^\| |^Target' "$OUT_DIR/step.md"
+fi
+exit $FAILED
