@@ -8,9 +8,13 @@
 #   NODE_RANK       this node's index, 0..NNODES-1 (default 0; static rendezvous only)
 #   NPROC_PER_NODE  processes on this node, usually one per GPU (default 1)
 #   RDZV_ENDPOINT   host:port of a c10d rendezvous (any node); nodes may then join in any order and a
-#                   restart re-forms the group across nodes. RDZV_ID names the job (default tada-dist).
+#                   restart re-forms the group across nodes. RDZV_ID names the job (default tada-dist);
+#                   RDZV_CONF passes rendezvous settings, e.g. is_host=1 on the node that must host
+#                   the endpoint when torchrun cannot tell from the host name.
 #   MASTER_ADDR, MASTER_PORT
 #                   without RDZV_ENDPOINT: static rendezvous hosted by node 0 (port default 29500)
+#   LOCAL_ADDR      this node's address as the other nodes reach it (default: its host name); set it
+#                   when the host name resolves to an interface the other nodes cannot reach
 #   MAX_RESTARTS    how often torchrun restarts the whole group after a worker fails (default 3);
 #                   each restart resumes from the latest checkpoint
 #   PYTHON          interpreter (default: the project's .venv, else python3 on PATH)
@@ -19,7 +23,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
     exit $(( $# < 1 ? 2 : 0 ))
 fi
 config=$1
@@ -46,7 +50,8 @@ done
 
 rendezvous=()
 if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
-    rendezvous=(--rdzv_backend=c10d "--rdzv_endpoint=$RDZV_ENDPOINT" "--rdzv_id=${RDZV_ID:-tada-dist}")
+    rendezvous=(--rdzv_backend=c10d "--rdzv_endpoint=$RDZV_ENDPOINT" "--rdzv_id=${RDZV_ID:-tada-dist}"
+                ${RDZV_CONF:+"--rdzv_conf=$RDZV_CONF"})
 elif [[ -n "${MASTER_ADDR:-}" ]]; then
     node_rank=${NODE_RANK:-0}
     if ! [[ "$node_rank" =~ ^[0-9]+$ ]] || (( node_rank >= nnodes )); then
@@ -64,5 +69,5 @@ fi
 set -x
 exec "$python" -m torch.distributed.run \
     "--nnodes=$nnodes" "--nproc_per_node=$nproc" "${rendezvous[@]}" \
-    "--max_restarts=${MAX_RESTARTS:-3}" \
+    "--max_restarts=${MAX_RESTARTS:-3}" ${LOCAL_ADDR:+"--local_addr=$LOCAL_ADDR"} \
     -m tada_dist.train --config "$config" "$@"

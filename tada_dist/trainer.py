@@ -314,13 +314,15 @@ class Trainer:
                                  device=self.dist.device, dtype=self.input_dtype)
 
     def save(self) -> None:
-        """Checkpoint the current step, unless it is saved already or the run is inside a streak of
-        non-finite losses (the weights may be what went bad; the last good checkpoint stays the newest)."""
+        """Checkpoint the current step, unless it is saved already or the weights hold NaN/inf (then
+        the newest checkpoint stays the last good one). Skipped steps change nothing, so a save
+        during a streak of non-finite losses stores the state from before the streak."""
         if self.saved_step == self.step:
             return
-        if self.nonfinite_streak:
+        weights_finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        if any_rank([not bool(weights_finite)], self.dist.device)[0]:
             if self.dist.is_main:
-                tqdm.write(f"step {self.step}: not saving a checkpoint during {self.nonfinite_streak} non-finite steps")
+                tqdm.write(f"step {self.step}: not saving a checkpoint: the weights hold NaN/inf")
             return
         average_batchnorm_statistics(self.model)
         client_state = {
@@ -364,42 +366,41 @@ class Trainer:
         if self.dist.is_main:
             print(f"global batch {self.global_batch()} per domain = {config.data.batch_size} per rank x "
                   f"{self.dist.world_size} ranks x {config.distributed.grad_accum} accumulation", flush=True)
-        bar = tqdm(total=total, initial=self.step, disable=not self.dist.is_main, desc=config.method,
-                   dynamic_ncols=True, unit="step")
-        means = RunningMeans()
-        started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
-        wait_before = self.source_loader.data_wait_seconds + self.target_loader.data_wait_seconds
-        while self.step < total:
-            terms = self.train_step()
-            self._count_nonfinite(terms is None, bar)
-            if terms is not None:
-                means.add(terms)
-            window_steps += 1
-            bar.update(1)
-            if self.step % log_every == 0 or self.step == total:
-                elapsed = time.perf_counter() - window_start
-                wait_now = self.source_loader.data_wait_seconds + self.target_loader.data_wait_seconds
-                metrics = means.pop()
-                metrics.update(
-                    images_per_sec=self.images_per_step() * window_steps / elapsed,
-                    data_wait_sec=(wait_now - wait_before) / window_steps,
-                    lr=self.optimizer.param_groups[0]["lr"],
-                    skipped_steps=self.skipped_steps,
-                )
-                self.tracker.log_metrics(metrics, step=self.step)
-                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "cls", "images_per_sec") if k in metrics})
-                window_start, window_steps, wait_before = time.perf_counter(), 0, wait_now
-            if (eval_every and self.step % eval_every == 0) or self.step == total:
-                self.last_accuracy = self.validate()
-                self.tracker.log_metrics({"target_acc": self.last_accuracy.overall}, step=self.step)
-                bar.write(f"step {self.step}: target accuracy {self.last_accuracy.overall:.2f}%")
-            if (ckpt_every and self.step % ckpt_every == 0) or self.step == total:
-                self.save()
-            if self.stop_agreed and self.step < total:
-                self.save()
-                bar.close()
-                return self._stopped_summary()
-        bar.close()
+        # The bar is closed however the loop ends, so that an error starts on a line of its own.
+        with tqdm(total=total, initial=self.step, disable=not self.dist.is_main, desc=config.method,
+                  dynamic_ncols=True, unit="step") as bar:
+            means = RunningMeans()
+            started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+            wait_before = self.source_loader.data_wait_seconds + self.target_loader.data_wait_seconds
+            while self.step < total:
+                terms = self.train_step()
+                self._count_nonfinite(terms is None, bar)
+                if terms is not None:
+                    means.add(terms)
+                window_steps += 1
+                bar.update(1)
+                if self.step % log_every == 0 or self.step == total:
+                    elapsed = time.perf_counter() - window_start
+                    wait_now = self.source_loader.data_wait_seconds + self.target_loader.data_wait_seconds
+                    metrics = means.pop()
+                    metrics.update(
+                        images_per_sec=self.images_per_step() * window_steps / elapsed,
+                        data_wait_sec=(wait_now - wait_before) / window_steps,
+                        lr=self.optimizer.param_groups[0]["lr"],
+                        skipped_steps=self.skipped_steps,
+                    )
+                    self.tracker.log_metrics(metrics, step=self.step)
+                    bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "cls", "images_per_sec") if k in metrics})
+                    window_start, window_steps, wait_before = time.perf_counter(), 0, wait_now
+                if (eval_every and self.step % eval_every == 0) or self.step == total:
+                    self.last_accuracy = self.validate()
+                    self.tracker.log_metrics({"target_acc": self.last_accuracy.overall}, step=self.step)
+                    bar.write(f"step {self.step}: target accuracy {self.last_accuracy.overall:.2f}%")
+                if (ckpt_every and self.step % ckpt_every == 0) or self.step == total:
+                    self.save()
+                if self.stop_agreed and self.step < total:
+                    self.save()
+                    return self._stopped_summary()
         if self.last_accuracy is None:  # resumed at the final step: nothing trained, still report
             self.last_accuracy = self.validate()
         return self._write_summary(time.perf_counter() - started)

@@ -30,12 +30,15 @@ def test_resumed_tracker_continues_the_same_run(tmp_path):
     first.start(run_id=None, run_name="r", system_metrics=False, tags={"world_size": 2})
     first.log_params({"optim.lr": 0.01, "model.pretrained": None})
     first.log_metrics({"loss": 2.0}, step=1)
+    first.log_metrics({"loss": 1.5, "target_acc": 50.0}, step=2)
     run_id = first.run_id
     first.finish("KILLED")
 
+    # Resumed from a checkpoint at step 1: step 2 is replayed and must not be logged twice.
     second = Tracker(active=True, uri=uri, experiment="exp")
     second.start(run_id=run_id, run_name="ignored", system_metrics=False, tags={"world_size": 2})
-    second.log_metrics({"loss": 1.0}, step=2)
+    second.log_metrics({"loss": 1.25, "target_acc": 50.0}, step=2)
+    second.log_metrics({"loss": 1.0}, step=3)
     second.finish()
 
     client = MlflowClient(tracking_uri=uri)
@@ -43,6 +46,7 @@ def test_resumed_tracker_continues_the_same_run(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params == {"optim.lr": "0.01", "model.pretrained": "None"}
     assert run.data.tags["world_size"] == "2"
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 2.0), (2, 1.0)]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss")) == [(1, 2.0), (2, 1.5), (3, 1.0)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "target_acc")] == [(2, 50.0)]
     experiment = client.get_experiment_by_name("exp")
     assert Path(experiment.artifact_location.removeprefix("file://")) == tmp_path / "mlartifacts"

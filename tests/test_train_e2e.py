@@ -1,31 +1,15 @@
 """End to end: real torchrun workers, DALI pipelines, a DeepSpeed engine on gloo and MLflow on sqlite."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from e2e import metric_history, process_env, run, torchrun, train_overrides
 
 from tada_dist.data.synthetic import ensure_synthetic_dataset
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _env(tmp_path: Path) -> dict:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["TADA_DIST_CACHE"] = str(tmp_path / "cache")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _run(cmd: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -33,31 +17,10 @@ def tiny_data(tmp_path_factory) -> Path:
     return ensure_synthetic_dataset(tmp_path_factory.mktemp("data"), images_per_class=9, seed=1)
 
 
-def _train_overrides(data_root: Path, run_dir: Path, db: Path, steps: int) -> list[str]:
-    return [
-        f"data.root={data_root}", f"output_dir={run_dir}", f"tracking.uri=sqlite:///{db}",
-        f"train.steps={steps}", "train.log_every=1", "train.eval_every=2", "checkpoint.every=2",
-        "data.batch_size=4", "data.eval_batch_size=16", "model.global_hidden=32", "model.region_hidden=16",
-        "model.bottleneck_dim=32", "data.num_threads=1",
-    ]
-
-
-def _torchrun(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "tada_dist.train", *args]
-
-
-def _metric_history(db: Path, run_id: str, key: str) -> list[tuple[int, float]]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
 def test_torchrun_two_processes_trains_tracks_and_resumes(tiny_data, tmp_path):
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
 
-    first = _run(_torchrun(_train_overrides(tiny_data, run_dir, db, steps=4)), tmp_path)
+    first = run(torchrun(train_overrides(tiny_data, run_dir, db, steps=4)), tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 4
     assert 0.0 <= metrics["target_acc"] <= 100.0
@@ -69,25 +32,25 @@ def test_torchrun_two_processes_trains_tracks_and_resumes(tiny_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    run = client.get_run(run_id)
+    run = client.getrun(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["world_size"] == "2"
     assert run.data.params["method"] == "tada" and run.data.params["train.steps"] == "4"
     for key in ("loss", "cls", "local", "global", "entropy", "lambda_p", "lr", "images_per_sec", "data_wait_sec"):
-        assert [step for step, _ in _metric_history(db, run_id, key)] == [1, 2, 3, 4], key
-    assert [step for step, _ in _metric_history(db, run_id, "target_acc")] == [2, 4]
+        assert [step for step, _ in metric_history(db, run_id, key)] == [1, 2, 3, 4], key
+    assert [step for step, _ in metric_history(db, run_id, "target_acc")] == [2, 4]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "deepspeed_config.json"} <= artifacts
 
     # The same command with more steps resumes from the saved step and continues the same MLflow run.
-    second = _run(_torchrun(_train_overrides(tiny_data, run_dir, db, steps=6)), tmp_path)
+    second = run(torchrun(train_overrides(tiny_data, run_dir, db, steps=6)), tmp_path)
     assert "resuming from step 4" in second.stdout + second.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 6 and metrics["mlflow_run_id"] == run_id
-    assert [step for step, _ in _metric_history(db, run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in metric_history(db, run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000006"
 
-    evaluation = _run([sys.executable, "-m", "tada_dist.evaluate", "--checkpoint", str(run_dir), "--json"], tmp_path)
+    evaluation = run([sys.executable, "-m", "tada_dist.evaluate", "--checkpoint", str(run_dir), "--json"], tmp_path)
     result = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert result["step"] == 6
     assert result["images"] == 6 * 9  # every target image counted once
@@ -104,8 +67,8 @@ def test_bad_data_fails_before_training_without_touching_outputs(tiny_data, tmp_
         Image.new("RGB", (32, 32)).save(mismatched / domain / cls / "a.png")
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "tada_dist.train", *_train_overrides(mismatched, run_dir, tmp_path / "m.db", 2)],
-        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "tada_dist.train", *train_overrides(mismatched, run_dir, tmp_path / "m.db", 2)],
+        cwd=tmp_path, env=process_env(tmp_path), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("tada-train: error:")]
@@ -116,9 +79,9 @@ def test_bad_data_fails_before_training_without_touching_outputs(tiny_data, tmp_
 
 def test_single_process_with_torch_loader_and_tracking_off(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = _train_overrides(tiny_data, run_dir, tmp_path / "unused.db", steps=2)
+    overrides = train_overrides(tiny_data, run_dir, tmp_path / "unused.db", steps=2)
     overrides += ["data.loader=torch", "tracking.enabled=false", "method=dann", "data.num_threads=0"]
-    _run([sys.executable, "-m", "tada_dist.train", *overrides], tmp_path)
+    run([sys.executable, "-m", "tada_dist.train", *overrides], tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 2 and metrics["mlflow_run_id"] is None
     assert sum(1 for _ in (run_dir / "checkpoints").glob("step*")) == 1
