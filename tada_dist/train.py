@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trainer = Trainer(config)
-    except (DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"tada-train: error: {err}", file=sys.stderr)
         return 2
     try:

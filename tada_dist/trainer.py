@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import tada_kernels
 from tada_dist import checkpoint
-from tada_dist.config import Config, flatten, save_config, to_dict
+from tada_dist.config import Config, ConfigError, flatten, save_config, to_dict
 from tada_dist.data import (
     DataError,
     Domain,
@@ -172,6 +173,10 @@ class Trainer:
 
         self.config = config
         self.dist = init_distributed(config.distributed.backend)
+        try:  # fail now, not at the first forward pass
+            tada_kernels.resolve_backend(config.kernels.backend, self.dist.device)
+        except RuntimeError as err:
+            raise ConfigError(f"kernels.backend={config.kernels.backend}: {err}") from None
         self.output_dir = config.resolved_output_dir()
         self.adapts = method_parts(config.method).adapts  # source_only never reads a target batch
         self.loss_weights = LossWeights(adaptation=config.loss.adaptation_weight, entropy=config.loss.entropy_weight)

@@ -236,6 +236,60 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_the_same_command_resumes(data
     assert_matches_reference(record, reference)
 
 
+SRUN_STAND_IN = """#!/usr/bin/env bash
+# srun for a test: the command after srun's options, once per node of the job; SIGTERM is passed on.
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+status=0
+for pid in "${pids[@]}"; do
+    while true; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done
+    (( code != 0 )) && status=$code
+done
+exit $status
+"""
+
+SCONTROL_STAND_IN = """#!/usr/bin/env bash
+# scontrol for a test: every node is this machine; requeue requests are written to a log.
+case "$1" in
+    show) for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do echo 127.0.0.1; done ;;
+    requeue) echo "requeue $2" >> "$SCONTROL_LOG" ;;
+esac
+"""
+
+
+def test_slurm_script_requeues_before_the_time_limit_and_the_requeued_job_resumes(data, reference, tmp_path):
+    """launch/slurm.sbatch with srun and scontrol stood in for: two nodes on this machine. USR1 (SLURM's
+    warning before the time limit) must requeue the job and stop it with a checkpoint; running the
+    script again, as the requeued job does, must finish the run as if it had never stopped."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN_STAND_IN), ("scontrol", SCONTROL_STAND_IN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    run_dir, db, requeues = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "requeues.log"
+    slurm = dict(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242",
+                 SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="1",
+                 SLURM_SUBMIT_DIR=str(REPO), SCONTROL_LOG=str(requeues), RDZV_ENDPOINT=f"127.0.0.1:{free_port()}")
+    command = ["bash", str(REPO / "launch" / "slurm.sbatch"), CONFIG, *job_overrides(data, run_dir, db)]
+
+    job = start(command, tmp_path, tmp_path / "first.log", **slurm)
+    wait_for(lambda: latest_step(run_dir) >= 10, timeout=300, what="the checkpoint of step 10", process=job)
+    job.send_signal(signal.SIGUSR1)
+    output = finish(job, tmp_path / "first.log", expect=1)  # the torchrun agents report the SIGTERM
+    assert requeues.read_text() == "requeue 4242\n"
+    stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert latest_step(run_dir) == stopped_at < STEPS
+
+    slurm["RDZV_ENDPOINT"] = f"127.0.0.1:{free_port()}"
+    second = run(command, tmp_path, SLURM_RESTART_COUNT="1", **slurm)
+    assert f"resuming from step {stopped_at} " in second.stdout + second.stderr
+    record = run_record(db, run_dir)
+    assert record["status"] == "FINISHED"
+    assert_matches_reference(record, reference)
+
+
 # -- non-finite losses ----------------------------------------------------------------------------------
 
 NAN_INJECTOR = '''

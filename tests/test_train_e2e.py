@@ -32,10 +32,10 @@ def test_torchrun_two_processes_trains_tracks_and_resumes(tiny_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    run = client.getrun(run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["world_size"] == "2"
-    assert run.data.params["method"] == "tada" and run.data.params["train.steps"] == "4"
+    mlflow_run = client.get_run(run_id)
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.tags["world_size"] == "2"
+    assert mlflow_run.data.params["method"] == "tada" and mlflow_run.data.params["train.steps"] == "4"
     for key in ("loss", "cls", "local", "global", "entropy", "lambda_p", "lr", "images_per_sec", "data_wait_sec"):
         assert [step for step, _ in metric_history(db, run_id, key)] == [1, 2, 3, 4], key
     assert [step for step, _ in metric_history(db, run_id, "target_acc")] == [2, 4]
