@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-import tada_kernels
 from tada_dist.data.synthetic import ensure_synthetic_dataset
 from tada_dist.losses import LossWeights, tada_objective
 from tada_dist.model import GradientReversal, create_model

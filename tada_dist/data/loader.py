@@ -10,7 +10,6 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from tada_dist.data.domain import DataError, Domain
