@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from jobs import write_report
 
 
 def run_one(args: argparse.Namespace, method: str, seed: int) -> dict:
@@ -56,14 +56,6 @@ def summarise(rows: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def machine_description() -> str:
-    import torch
-
-    accelerator = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {accelerator}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", help="folder holding the config's domains (default: the generated dataset)")
@@ -79,13 +71,7 @@ def main() -> None:
 
     rows = {method: [run_one(args, method, seed) for seed in args.seeds] for method in args.methods}
     table = summarise(rows)
-    command = "python " + shlex.join(sys.argv)
-    report = [f"# {args.title}", "", *table, "", f"Machine: {machine_description()}.", "", "Command:", "",
-              f"    {command}", ""]
-    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.report).write_text("\n".join(report))
-    print("\n".join(table))
-
+    write_report(args.report, [f"# {args.title}", "", *table, ""])
 
 if __name__ == "__main__":
     main()

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 import tada_kernels
-from accuracy import machine_description
+from jobs import machine_description
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ("forward", "backward", "full")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from accuracy import machine_description
+from jobs import machine_description
 from bench_kernels import DTYPES, one_line_error, quantiles, synchronize
 from tada_dist.losses import LossWeights, tada_objective
 from tada_dist.model import create_model
