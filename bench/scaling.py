@@ -12,6 +12,7 @@ processes share cores and the efficiency shows it.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -48,8 +49,10 @@ def main() -> None:
     lines = [
         "# Weak scaling on the CPU", "",
         f"`{args.config}` on the generated dataset, {args.steps} steps per run, the per-process batch fixed "
-        "by the config (32 source + 32 target images), one thread per process. These are CPU figures: "
-        "they measure the data pipeline, DeepSpeed and the gloo all-reduce on this machine, not GPU scaling.", "",
+        "by the config (32 source + 32 target images), one torch thread per process (OMP_NUM_THREADS=1; "
+        "DALI keeps its data.num_threads workers). These are CPU figures: they measure the data pipeline, "
+        "DeepSpeed and the gloo all-reduce on this machine, not GPU scaling; with more processes than "
+        f"cores ({os.cpu_count()} here) the processes share cores.", "",
         "| processes | images/s (median over windows) | windows | images/s per process | efficiency |",
         "|---|---|---|---|---|",
         *[f"| {n} | {ips:.0f} | {count} | {ips / n:.0f} | {ips / n / base:.0%} |" for n, ips, count in rows], "",
