@@ -150,8 +150,8 @@ def frozen_optimizer(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 @dataclass
 class RunningMeans:
-    """Averages of the loss terms since the last log. Sums stay tensors until then, so that a step
-    never waits for the GPU just to read a loss value."""
+    """Averages of the loss terms since the last log. Sums stay tensors until then, so that reading
+    them adds no wait for the GPU (the step's one sync is the all-ranks finiteness check)."""
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     count: int = 0
