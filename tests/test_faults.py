@@ -155,6 +155,7 @@ def network_namespaces():
             _ip("-n", name, "addr", "add", f"{address}/24", "dev", link)
             _ip("-n", name, "link", "set", link, "up")
             _ip("-n", name, "link", "set", "lo", "up")
+            _ip("netns", "exec", name, "true")  # entering one needs more privileges than creating it
     except subprocess.CalledProcessError as err:
         for name in created:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
