@@ -37,7 +37,13 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict:
     ]
     print("+", shlex.join(command), flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True)
+    result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(result.stderr)
+    if result.returncode != 0:
+        # A run that stops (say on diverging losses) is a result too: report it, keep going.
+        errors = [line for line in result.stderr.splitlines() if line.startswith("tada-train: error:")]
+        reason = errors[-1].removeprefix("tada-train: error: ") if errors else f"exit {result.returncode}"
+        return {"failed": reason, "seed": seed}
     metrics = json.loads(metrics_file.read_text())
     metrics["process_seconds"] = round(time.perf_counter() - started, 1)
     metrics_file.write_text(json.dumps(metrics, indent=2))
@@ -47,12 +53,21 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict:
 def summarise(rows: dict[str, list[dict]]) -> list[str]:
     lines = ["| method | target accuracy (%) mean ± std | per seed | steps | wall time per run (s) |",
              "|---|---|---|---|---|"]
+    failures = []
     for method, runs in rows.items():
-        accs = [r["target_acc"] for r in runs]
+        finished = [r for r in runs if "failed" not in r]
+        failures += [f"- {method}, seed {r['seed']}: {r['failed']}" for r in runs if "failed" in r]
+        if not finished:
+            lines.append(f"| {method} | every run failed | | | |")
+            continue
+        accs = [r["target_acc"] for r in finished]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        per_seed = ", ".join(f"{a:.2f}" for a in accs)
-        wall = statistics.mean(r.get("process_seconds", r["wall_seconds"]) for r in runs)
-        lines.append(f"| {method} | {statistics.mean(accs):.2f} ± {std:.2f} | {per_seed} | {runs[0]['step']} | {wall:.0f} |")
+        per_seed = ", ".join(f"{r['target_acc']:.2f}" if "failed" not in r else "failed" for r in runs)
+        wall = statistics.mean(r.get("process_seconds", r["wall_seconds"]) for r in finished)
+        lines.append(f"| {method} | {statistics.mean(accs):.2f} ± {std:.2f} | {per_seed} | {finished[0]['step']} "
+                     f"| {wall:.0f} |")
+    if failures:
+        lines += ["", "Runs that did not finish (left out of the means):", "", *failures]
     return lines
 
 
