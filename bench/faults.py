@@ -46,8 +46,7 @@ def last_logged_step(job: Job) -> int:
 
 
 def final_weights(job: Job, step: int) -> dict[str, torch.Tensor]:
-    states = job.run_dir / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt"
-    return torch.load(states, map_location="cpu", weights_only=False)["module"]
+    return torch.load(job.states_file(step), map_location="cpu", weights_only=False)["module"]
 
 
 def compare(job: Job, reference: Job, steps: int) -> str:
@@ -136,7 +135,7 @@ def main() -> None:
     corrupt = job("corrupt")
     interrupt(corrupt, log("corrupt"), at, 1.5, lambda p: p.send_signal(signal.SIGTERM))
     damaged = corrupt.latest_checkpoint_step()
-    states = corrupt.run_dir / "checkpoints" / f"step{damaged:08d}" / "mp_rank_00_model_states.pt"
+    states = corrupt.states_file(damaged)
     states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
     code = corrupt.run(log("corrupt"))
     fallback = resumed_from(log("corrupt"))[0]

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tada_dist import checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -62,15 +64,19 @@ class Job:
         return self.start(log, **extra_env).wait()
 
     def latest_checkpoint_step(self) -> int:
-        pointer = self.run_dir / "checkpoints" / "latest"
-        return int(pointer.read_text().strip().removeprefix("step")) if pointer.is_file() else 0
+        return checkpoint.latest_step(self.run_dir)
+
+    def states_file(self, step: int) -> Path:
+        return checkpoint.checkpoint_dir(self.run_dir) / checkpoint.step_tag(step) / checkpoint.MODEL_STATES_FILE
 
     def wait_for_checkpoint(self, step: int, process: subprocess.Popen, timeout: float = 1800) -> None:
         deadline = time.monotonic() + timeout
         while self.latest_checkpoint_step() < step:
-            if process.poll() is not None or time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
-                raise RuntimeError(f"{self.run_dir}: no checkpoint of step {step} (exit {process.returncode})")
+            if process.poll() is not None:
+                raise RuntimeError(f"{self.run_dir}: exit {process.returncode} before the checkpoint of step {step}")
+            if time.monotonic() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
+                raise RuntimeError(f"{self.run_dir}: no checkpoint of step {step} after {timeout:.0f} s")
             time.sleep(0.1)
 
     def _mlflow_run(self):

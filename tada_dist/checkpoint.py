@@ -37,6 +37,7 @@ from tada_dist.distributed import DistInfo, barrier, broadcast_object
 CHECKPOINT_SUBDIR = "checkpoints"
 LATEST_FILE = "latest"  # DeepSpeed's name, so its own tools (zero_to_fp32.py) find our checkpoints
 MANIFEST_FILE = "manifest.json"
+MODEL_STATES_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's: module weights and client state
 PARTIAL_PREFIX = ".partial-"
 _TAG_PATTERN = re.compile(r"step(\d{8})")
 
@@ -154,6 +155,12 @@ def _sha256(path: Path) -> str:
 # -- finding and verifying ------------------------------------------------------------------------
 
 
+def latest_step(output_dir: str | Path) -> int:
+    """The step `latest` points at; 0 before the first checkpoint."""
+    tag = read_latest(checkpoint_dir(output_dir))
+    return int(_TAG_PATTERN.fullmatch(tag).group(1)) if tag else 0
+
+
 def read_latest(ckpt_dir: Path) -> str | None:
     pointer = ckpt_dir / LATEST_FILE
     if not pointer.is_file():
@@ -236,6 +243,6 @@ def load_module_weights(output_dir: str | Path) -> tuple[dict[str, torch.Tensor]
         raise FileNotFoundError(
             f"no usable checkpoint in {checkpoint_dir(output_dir)} (expected step<N>/ folders with a {MANIFEST_FILE})"
         )
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(tag_dir / MODEL_STATES_FILE, map_location="cpu", weights_only=False)
     weights = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in states["module"].items()}
     return weights, int(states.get("step", 0))

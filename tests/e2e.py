@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -54,12 +53,6 @@ def metric_history(db: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(condition, *, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:

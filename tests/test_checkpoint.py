@@ -18,7 +18,7 @@ def fake_checkpoint(output_dir, step, payload=b"weights"):
     ckpt_dir = checkpoint.checkpoint_dir(output_dir)
     tag_dir = ckpt_dir / checkpoint.step_tag(step)
     tag_dir.mkdir(parents=True)
-    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(payload + bytes([step]))
+    (tag_dir / checkpoint.MODEL_STATES_FILE).write_bytes(payload + bytes([step]))
     (tag_dir / "rng_rank0.pt").write_bytes(b"rng")
     checkpoint._write_manifest(tag_dir, step)
     checkpoint._write_atomically(ckpt_dir / checkpoint.LATEST_FILE, tag_dir.name)
@@ -29,7 +29,7 @@ def test_manifest_lists_every_file_with_size_and_hash(tmp_path):
     tag_dir = fake_checkpoint(tmp_path, 5)
     manifest = json.loads((tag_dir / checkpoint.MANIFEST_FILE).read_text())
     assert manifest["step"] == 5
-    assert set(manifest["files"]) == {"mp_rank_00_model_states.pt", "rng_rank0.pt"}
+    assert set(manifest["files"]) == {checkpoint.MODEL_STATES_FILE, "rng_rank0.pt"}
     assert manifest["files"]["rng_rank0.pt"]["bytes"] == 3
     assert checkpoint.verify(tag_dir) is None
 
@@ -38,7 +38,7 @@ def test_manifest_lists_every_file_with_size_and_hash(tmp_path):
 def test_corrupt_latest_falls_back_to_the_previous_checkpoint(tmp_path, damage):
     fake_checkpoint(tmp_path, 4)
     latest = fake_checkpoint(tmp_path, 6)
-    states = latest / "mp_rank_00_model_states.pt"
+    states = latest / checkpoint.MODEL_STATES_FILE
     if damage == "flip":
         states.write_bytes(b"X" + states.read_bytes()[1:])
     elif damage == "truncate":

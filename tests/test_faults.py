@@ -19,9 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from e2e import REPO, free_port, metric_history, process_env, run, train_overrides, wait_for
+from e2e import REPO, metric_history, process_env, run, train_overrides, wait_for
 
 from tada_dist import checkpoint
+from tada_dist.distributed import free_port
 from tada_dist.data.synthetic import ensure_synthetic_dataset
 
 STEPS, EVERY = 40, 5
@@ -85,11 +86,6 @@ def assert_checkpoints_complete(run_dir: Path, tags: list[int]) -> None:
         assert checkpoint.verify(ckpt_dir / checkpoint.step_tag(step)) is None
         assert sorted(p.name for p in (ckpt_dir / checkpoint.step_tag(step)).glob("rng_rank*.pt")) == [
             "rng_rank0.pt", "rng_rank1.pt"]
-
-
-def latest_step(run_dir: Path) -> int:
-    tag = checkpoint.read_latest(checkpoint.checkpoint_dir(run_dir))
-    return int(tag.removeprefix("step")) if tag else 0
 
 
 def start(cmd: list[str], tmp_path: Path, log: Path, **extra_env: str) -> subprocess.Popen:
@@ -200,7 +196,7 @@ def worker_with_rank(launcher: subprocess.Popen, rank: int) -> psutil.Process:
 def test_killed_worker_restarts_the_group_and_resumes_exactly(data, reference, tmp_path):
     run_dir, db, log = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "job.log"
     job = start([LOCAL, CONFIG, *job_overrides(data, run_dir, db)], tmp_path, log, NPROC_PER_NODE="2")
-    wait_for(lambda: latest_step(run_dir) >= 10, timeout=300, what="the checkpoint of step 10", process=job)
+    wait_for(lambda: checkpoint.latest_step(run_dir) >= 10, timeout=300, what="the checkpoint of step 10", process=job)
     worker_with_rank(job, 0).kill()  # SIGKILL rank 0: the one that logs to MLflow
     output = finish(job, log, expect=0)
 
@@ -218,14 +214,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_the_same_command_resumes(data
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
     command = [LOCAL, CONFIG, *job_overrides(data, run_dir, db)]
     job = start(command, tmp_path, tmp_path / "first.log", NPROC_PER_NODE="2")
-    wait_for(lambda: latest_step(run_dir) >= 10, timeout=300, what="the checkpoint of step 10", process=job)
+    wait_for(lambda: checkpoint.latest_step(run_dir) >= 10, timeout=300, what="the checkpoint of step 10", process=job)
     job.send_signal(signal.SIGTERM)  # to torchrun, as a scheduler would; it passes it to the workers
     output = finish(job, tmp_path / "first.log", expect=1)  # torchrun itself reports the signal
 
     assert "stopped by SIGTERM at step " in output
     stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert 10 <= stopped_at < STEPS
-    assert latest_step(run_dir) == stopped_at
+    assert checkpoint.latest_step(run_dir) == stopped_at
     assert checkpoint.verify(checkpoint.checkpoint_dir(run_dir) / checkpoint.step_tag(stopped_at)) is None
     assert not (run_dir / "metrics.json").exists()
     assert run_record(db, run_dir)["status"] == "KILLED"
@@ -276,12 +272,12 @@ def test_slurm_script_requeues_before_the_time_limit_and_the_requeued_job_resume
     command = ["bash", str(REPO / "launch" / "slurm.sbatch"), CONFIG, *job_overrides(data, run_dir, db)]
 
     job = start(command, tmp_path, tmp_path / "first.log", **slurm)
-    wait_for(lambda: latest_step(run_dir) >= 10, timeout=300, what="the checkpoint of step 10", process=job)
+    wait_for(lambda: checkpoint.latest_step(run_dir) >= 10, timeout=300, what="the checkpoint of step 10", process=job)
     job.send_signal(signal.SIGUSR1)
     output = finish(job, tmp_path / "first.log", expect=1)  # the torchrun agents report the SIGTERM
     assert requeues.read_text() == "requeue 4242\n"
     stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
-    assert latest_step(run_dir) == stopped_at < STEPS
+    assert checkpoint.latest_step(run_dir) == stopped_at < STEPS
 
     slurm["RDZV_ENDPOINT"] = f"127.0.0.1:{free_port()}"
     second = run(command, tmp_path, SLURM_RESTART_COUNT="1", **slurm)
@@ -338,7 +334,7 @@ def tensors_of(tree) -> list[torch.Tensor]:
 def saved_state(run_dir: Path, step: int) -> list[torch.Tensor]:
     """Weights, BatchNorm statistics and optimizer state (ZeRO partitions, momentum) of a checkpoint."""
     tag_dir = checkpoint.checkpoint_dir(run_dir) / checkpoint.step_tag(step)
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(tag_dir / checkpoint.MODEL_STATES_FILE, map_location="cpu", weights_only=False)
     zero_files = list(tag_dir.glob("*optim_states.pt"))  # ZeRO keeps the optimizer in per-rank files
     optimizer = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in zero_files]
     return tensors_of(states["module"]) + tensors_of(optimizer or states["optimizer"])
@@ -377,7 +373,7 @@ def test_nan_streak_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_p
     assert "NaN/inf for 3 steps in a row (steps 5-7" in errors[0]
     # Steps 5 and 6 were skipped, so their checkpoints hold step 4's state; step 7 raised before saving.
     assert f"the last good checkpoint is {checkpoint.checkpoint_dir(run_dir) / 'step00000006'}" in errors[0]
-    assert latest_step(run_dir) == 6
+    assert checkpoint.latest_step(run_dir) == 6
     assert checkpoint.verify(checkpoint.checkpoint_dir(run_dir) / "step00000006") is None
     good, saved_during_streak = saved_state(run_dir, 4), saved_state(run_dir, 6)
     assert all(torch.equal(a, b) for a, b in zip(good, saved_during_streak))
@@ -395,7 +391,7 @@ def test_weights_that_went_bad_are_never_saved(data, tmp_path):
     result = run([sys.executable, str(injector), *overrides], tmp_path, expect=1, INF_WEIGHTS_AT="3")
     assert "step 3: not saving a checkpoint: the weights hold NaN/inf" in result.stdout + result.stderr
     assert f"the last good checkpoint is {checkpoint.checkpoint_dir(run_dir) / 'step00000002'}" in result.stderr
-    assert latest_step(run_dir) == 2
+    assert checkpoint.latest_step(run_dir) == 2
     assert all(torch.isfinite(t).all() for t in saved_state(run_dir, 2) if t.is_floating_point())
 
 
@@ -405,7 +401,7 @@ def test_corrupt_latest_checkpoint_falls_back_when_resuming(data, tmp_path):
         tmp_path)
     ckpt_dir = checkpoint.checkpoint_dir(run_dir)
     assert checkpoint.complete_tags(ckpt_dir) == ["step00000006", "step00000004"]
-    states = ckpt_dir / "step00000006" / "mp_rank_00_model_states.pt"
+    states = ckpt_dir / "step00000006" / checkpoint.MODEL_STATES_FILE
     states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])  # a half-written copy, say
 
     evaluation = run([sys.executable, "-m", "tada_dist.evaluate", "--checkpoint", str(run_dir), "--json"], tmp_path)
