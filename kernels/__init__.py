@@ -7,14 +7,25 @@ implementation (see backend.py). Every op accumulates in fp32 and is differentia
 
 from .attentive_entropy import attentive_entropy
 from .backend import BACKENDS, resolve_backend
-from .entropy_attention import binary_entropy_with_logits, entropy_attention
+from .entropy_attention import (
+    ATTENTION_FORMS,
+    ENTROPY_UNITS,
+    attention_coefficients,
+    binary_entropy_with_logits,
+    entropy_attention,
+    entropy_scale,
+)
 from .grouped_mlp import grouped_mlp
 
 __all__ = [
+    "ATTENTION_FORMS",
     "BACKENDS",
+    "ENTROPY_UNITS",
+    "attention_coefficients",
     "attentive_entropy",
     "binary_entropy_with_logits",
     "entropy_attention",
+    "entropy_scale",
     "grouped_mlp",
     "resolve_backend",
 ]

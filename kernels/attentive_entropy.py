@@ -18,17 +18,20 @@ import triton.language as tl
 from torch import Tensor
 
 from .backend import interpreting, resolve_backend
-from .entropy_attention import binary_entropy_and_slope, binary_entropy_with_logits
+from .entropy_attention import binary_entropy_and_slope, binary_entropy_with_logits, entropy_scale
 
 
 def attentive_entropy(
-    class_logits: Tensor, domain_logits: Tensor, *, detach: bool = True, backend: str = "auto"
+    class_logits: Tensor, domain_logits: Tensor, *, detach: bool = True, unit: str = "nats", backend: str = "auto"
 ) -> Tensor:
     """mean_i (1 + H(sigmoid(domain_logits[i]))) * H(softmax(class_logits[i])), an fp32 scalar.
 
-    class_logits [n, c], domain_logits [n]; entropies in nats. With `detach`, m is cut from the graph
-    so this loss trains the classifier and features only, never the global discriminator.
+    class_logits [n, c], domain_logits [n]. The prediction entropy is in nats; `unit` ("nats" or
+    "bits") is the unit of the domain entropy in m = 1 + H(d), so m lies in [1, 1 + ln 2] or [1, 2].
+    With `detach`, m is cut from the graph so this loss trains the classifier and features only,
+    never the global discriminator.
     """
+    scale = entropy_scale(unit)
     if class_logits.dim() != 2:
         raise ValueError(f"attentive_entropy: class_logits must be [n, classes], got {list(class_logits.shape)}")
     if tuple(domain_logits.shape) != (class_logits.shape[0],):
@@ -36,9 +39,9 @@ def attentive_entropy(
             f"attentive_entropy: domain_logits must be [n] = [{class_logits.shape[0]}], got {list(domain_logits.shape)}"
         )
     if resolve_backend(backend, class_logits.device) == "triton":
-        return _AttentiveEntropy.apply(class_logits, domain_logits, detach)
+        return _AttentiveEntropy.apply(class_logits, domain_logits, detach, scale)
 
-    attention = 1.0 + binary_entropy_with_logits(domain_logits.float())
+    attention = 1.0 + scale * binary_entropy_with_logits(domain_logits.float())
     if detach:
         attention = attention.detach()
     # log_softmax stays finite for saturated logits, and p = 0 there, so p * log p = 0 instead of NaN.
@@ -52,7 +55,7 @@ def attentive_entropy(
 
 @triton.jit
 def _attentive_entropy_forward_kernel(
-    logits_ptr, l_sn, l_sc, domain_ptr, d_s, loss_ptr, lse_ptr, entropy_ptr, N, C,
+    logits_ptr, l_sn, l_sc, domain_ptr, d_s, loss_ptr, lse_ptr, entropy_ptr, N, C, unit_scale,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -84,7 +87,7 @@ def _attentive_entropy_forward_kernel(
         entropy = log_sum - exp_dot / exp_sum  # -sum p log p with log p = x - row_max - log_sum
         d = tl.load(domain_ptr + rows * d_s, mask=in_rows, other=0.0).to(tl.float32)
         domain_entropy, _ = binary_entropy_and_slope(d)
-        total += tl.where(in_rows, (1.0 + domain_entropy) * entropy, 0.0)
+        total += tl.where(in_rows, (1.0 + unit_scale * domain_entropy) * entropy, 0.0)
         tl.store(lse_ptr + rows, row_max + log_sum, mask=in_rows)
         tl.store(entropy_ptr + rows, entropy, mask=in_rows)
     tl.store(loss_ptr, tl.sum(total, axis=0) / N)
@@ -93,7 +96,7 @@ def _attentive_entropy_forward_kernel(
 @triton.jit
 def _attentive_entropy_backward_kernel(
     logits_ptr, l_sn, l_sc, domain_ptr, d_s, lse_ptr, entropy_ptr, grad_loss_ptr,
-    grad_logits_ptr, grad_domain_ptr, N, C,
+    grad_logits_ptr, grad_domain_ptr, N, C, unit_scale,
     DOMAIN_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,7 +106,7 @@ def _attentive_entropy_backward_kernel(
     entropy = tl.load(entropy_ptr + rows, mask=in_rows, other=0.0)
     d = tl.load(domain_ptr + rows * d_s, mask=in_rows, other=0.0).to(tl.float32)
     domain_entropy, domain_slope = binary_entropy_and_slope(d)
-    row_grad = grad * (1.0 + domain_entropy)
+    row_grad = grad * (1.0 + unit_scale * domain_entropy)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = in_rows[:, None] & (cols[None, :] < C)
@@ -112,7 +115,7 @@ def _attentive_entropy_backward_kernel(
         dx = -row_grad[:, None] * tl.exp(log_p) * (log_p + entropy[:, None])
         tl.store(grad_logits_ptr + rows[:, None] * C + cols[None, :], dx.to(grad_logits_ptr.dtype.element_ty), mask=mask)
     if DOMAIN_GRAD:
-        dd = grad * entropy * domain_slope
+        dd = grad * entropy * unit_scale * domain_slope
         tl.store(grad_domain_ptr + rows, dd.to(grad_domain_ptr.dtype.element_ty), mask=in_rows)
 
 
@@ -128,7 +131,7 @@ def _launch_settings() -> dict:
 
 class _AttentiveEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, class_logits, domain_logits, detach: bool):
+    def forward(ctx, class_logits, domain_logits, detach: bool, unit_scale: float):
         N, C = class_logits.shape
         settings = _launch_settings()
         loss = torch.empty((), device=class_logits.device, dtype=torch.float32)
@@ -136,9 +139,10 @@ class _AttentiveEntropy(torch.autograd.Function):
         entropy = torch.empty_like(lse)
         _attentive_entropy_forward_kernel[(1,)](
             class_logits, *class_logits.stride(), domain_logits, domain_logits.stride(0), loss, lse, entropy,
-            N, C, **settings,
+            N, C, unit_scale, **settings,
         )
         ctx.detach = detach
+        ctx.unit_scale = unit_scale
         ctx.save_for_backward(class_logits, domain_logits, lse, entropy)
         return loss
 
@@ -151,6 +155,7 @@ class _AttentiveEntropy(torch.autograd.Function):
         grad_domain = None if ctx.detach else torch.empty_like(domain_logits)
         _attentive_entropy_backward_kernel[(triton.cdiv(N, settings["BLOCK_N"]),)](
             class_logits, *class_logits.stride(), domain_logits, domain_logits.stride(0), lse, entropy,
-            grad_loss.contiguous(), grad_logits, grad_domain, N, C, DOMAIN_GRAD=not ctx.detach, **settings,
+            grad_loss.contiguous(), grad_logits, grad_domain, N, C, ctx.unit_scale, DOMAIN_GRAD=not ctx.detach,
+            **settings,
         )
-        return grad_logits, grad_domain, None
+        return grad_logits, grad_domain, None, None

@@ -1,8 +1,17 @@
 """Transferable local attention (paper eq. 3, 4): w = 1 - H(d), h = (1 + w) * f, region by region.
 
-d = sigmoid(logit) is region k's domain prediction from its discriminator and H the binary entropy
-in nats, so w runs from 1 - ln 2 (d = 1/2, the discriminator is undecided) to 1 (d at 0 or 1). The
-residual form 1 + w keeps every region's features, only re-weighting them (eq. 4).
+d = sigmoid(logit) is region k's domain prediction from its discriminator and H its binary entropy.
+Two forms of w are offered, because eq. 3 and the paper's text pull in opposite directions:
+
+- "paper" (eq. 3 as written): w = 1 - H(d). In nats w runs from 1 - ln 2 (d = 1/2, the discriminator
+  is undecided) to 1 (d at 0 or 1); in bits, where H lies in [0, 1], from 0 to 1. The regions a
+  discriminator tells apart most easily get the most weight.
+- "uncertainty" (the text's reading, "a larger attention value over more transferable regions"):
+  w = H(d) / ln 2, the entropy normalised to [0, 1] (the same in either unit), so the regions whose
+  discriminator cannot tell the domains apart get the most weight.
+
+Both are w = offset + slope * H_nats (see attention_coefficients). The residual form 1 + w keeps
+every region's features, only re-weighting them (eq. 4).
 
 Triton backend: one pass over f forward and one backward, on a (image, region tile, channel tile)
 grid that reads f, h and their gradients through their strides, so any memory format works and h
@@ -12,6 +21,8 @@ the first channel tile also writes w. Backward computes grad_f = (1 + w) * grad_
 [n_channel_tiles, B, H*W] buffer summed afterwards (deterministic, no atomics). Only the logits, and
 f when the logits need a gradient, are saved.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +42,39 @@ def binary_entropy_with_logits(logits: Tensor) -> Tensor:
     return F.softplus(logits) - logits * torch.sigmoid(logits)
 
 
-def entropy_attention(
-    f: Tensor, logits: Tensor, *, detach: bool = True, backend: str = "auto"
-) -> tuple[Tensor, Tensor]:
-    """Return (h, w): h = (1 + w) * f with w = 1 - H(sigmoid(logits)) broadcast over channels.
+ATTENTION_FORMS = ("paper", "uncertainty")
+ENTROPY_UNITS = ("nats", "bits")
 
-    f [B, C, H, W] in any memory format; logits [B, H*W] with region k = y * W + x (row-major, the
-    order of f.flatten(2)). w is [B, H*W] fp32 and h has f's dtype, shape and memory format. With
-    `detach`, w is cut from the graph (thuml practice for conditioning weights): h then carries no
-    gradient to logits.
+
+def entropy_scale(unit: str) -> float:
+    """Factor from nats to `unit`: H_unit = entropy_scale(unit) * H_nats."""
+    if unit not in ENTROPY_UNITS:
+        raise ValueError(f"unknown entropy unit {unit!r}; allowed: {', '.join(ENTROPY_UNITS)}")
+    return 1.0 if unit == "nats" else 1.0 / math.log(2.0)
+
+
+def attention_coefficients(form: str, unit: str) -> tuple[float, float]:
+    """(offset, slope) with w = offset + slope * H_nats for attention `form` measured in `unit`."""
+    if form not in ATTENTION_FORMS:
+        raise ValueError(f"unknown attention form {form!r}; allowed: {', '.join(ATTENTION_FORMS)}")
+    if form == "paper":
+        return 1.0, -entropy_scale(unit)
+    return 0.0, entropy_scale("bits")  # normalised to [0, 1], whichever unit H is reported in
+
+
+def entropy_attention(
+    f: Tensor, logits: Tensor, *, detach: bool = True, form: str = "paper", unit: str = "nats",
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Return (h, w): h = (1 + w) * f with w from the region logits broadcast over channels.
+
+    w = 1 - H(sigmoid(logits)) for form "paper" (eq. 3), H / ln 2 for form "uncertainty"; `unit`
+    ("nats" or "bits") is the unit of H in the paper form. f [B, C, H, W] in any memory format;
+    logits [B, H*W] with region k = y * W + x (row-major, the order of f.flatten(2)). w is [B, H*W]
+    fp32 and h has f's dtype, shape and memory format. With `detach`, w is cut from the graph (thuml
+    practice for conditioning weights): h then carries no gradient to logits.
     """
+    offset, slope = attention_coefficients(form, unit)
     if f.dim() != 4:
         raise ValueError(f"entropy_attention: f must be [B, C, H, W], got {list(f.shape)}")
     batch, _, height, width = f.shape
@@ -49,9 +83,9 @@ def entropy_attention(
             f"entropy_attention: logits must be [B, H*W] = [{batch}, {height * width}], got {list(logits.shape)}"
         )
     if resolve_backend(backend, f.device) == "triton":
-        return _EntropyAttention.apply(f, logits, detach)
+        return _EntropyAttention.apply(f, logits, detach, offset, slope)
 
-    weights = 1.0 - binary_entropy_with_logits(logits.float())
+    weights = offset + slope * binary_entropy_with_logits(logits.float())
     if detach:
         weights = weights.detach()
     scale = (1.0 + weights).view(batch, 1, height, width)
@@ -80,7 +114,7 @@ def binary_entropy_and_slope(z):
 @triton.jit
 def _entropy_attention_forward_kernel(
     f_ptr, f_sb, f_sc, f_sy, f_sx, logits_ptr, l_sb, l_sr, h_ptr, h_sb, h_sc, h_sy, h_sx, w_ptr,
-    C, R, W, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    C, R, W, offset, slope, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     regions = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -88,7 +122,7 @@ def _entropy_attention_forward_kernel(
     in_regions = regions < R
     z = tl.load(logits_ptr + b * l_sb + regions * l_sr, mask=in_regions, other=0.0).to(tl.float32)
     entropy, _ = binary_entropy_and_slope(z)
-    weight = 1.0 - entropy
+    weight = offset + slope * entropy
     tl.store(w_ptr + b * R + regions, weight, mask=in_regions & (tl.program_id(2) == 0))
 
     y, x = regions // W, regions % W
@@ -103,7 +137,7 @@ def _entropy_attention_forward_kernel(
 def _entropy_attention_backward_kernel(
     grad_h_ptr, g_sb, g_sc, g_sy, g_sx, f_ptr, f_sb, f_sc, f_sy, f_sx, logits_ptr, l_sb, l_sr,
     grad_f_ptr, d_sb, d_sc, d_sy, d_sx, grad_w_ptr, partial_ptr,
-    B, C, R, W, LOGIT_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    B, C, R, W, offset, slope, LOGIT_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(2)
@@ -118,14 +152,15 @@ def _entropy_attention_backward_kernel(
     spatial = channels[:, None] * g_sc + y[None, :] * g_sy + x[None, :] * g_sx
     grad_h = tl.load(grad_h_ptr + b * g_sb + spatial, mask=mask, other=0.0).to(tl.float32)
     grad_f_tile = grad_f_ptr + b * d_sb + channels[:, None] * d_sc + y[None, :] * d_sy + x[None, :] * d_sx
-    tl.store(grad_f_tile, ((2.0 - entropy)[None, :] * grad_h).to(grad_f_ptr.dtype.element_ty), mask=mask)
+    scale = 1.0 + offset + slope * entropy  # 1 + w
+    tl.store(grad_f_tile, (scale[None, :] * grad_h).to(grad_f_ptr.dtype.element_ty), mask=mask)
 
     if LOGIT_GRAD:
         f_tile = f_ptr + b * f_sb + channels[:, None] * f_sc + y[None, :] * f_sy + x[None, :] * f_sx
         grad_w = tl.sum(grad_h * tl.load(f_tile, mask=mask, other=0.0).to(tl.float32), axis=0)
         if pid_c == 0:  # the gradient flowing into the returned w joins once, on the first tile
             grad_w += tl.load(grad_w_ptr + b * R + regions, mask=in_regions, other=0.0)
-        tl.store(partial_ptr + (pid_c * B + b) * R + regions, -entropy_slope * grad_w, mask=in_regions)
+        tl.store(partial_ptr + (pid_c * B + b) * R + regions, slope * entropy_slope * grad_w, mask=in_regions)
 
 
 # -- launchers and autograd -------------------------------------------------------------------
@@ -146,15 +181,17 @@ def _grid(f: Tensor, settings: dict) -> tuple[int, int, int]:
 
 class _EntropyAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, f, logits, detach: bool):
+    def forward(ctx, f, logits, detach: bool, offset: float, slope: float):
         B, C, H, W = f.shape
         settings = _launch_settings()
         h = torch.empty_like(f)  # keeps f's memory format
         weights = torch.empty(B, H * W, device=f.device, dtype=torch.float32)
         _entropy_attention_forward_kernel[_grid(f, settings)](
-            f, *f.stride(), logits, *logits.stride(), h, *h.stride(), weights, C, H * W, W, **settings
+            f, *f.stride(), logits, *logits.stride(), h, *h.stride(), weights, C, H * W, W, offset, slope,
+            **settings,
         )
         ctx.detach = detach
+        ctx.coefficients = (offset, slope)
         ctx.logits_dtype = logits.dtype
         ctx.save_for_backward(logits, None if detach else f)
         if detach:
@@ -176,7 +213,7 @@ class _EntropyAttention(torch.autograd.Function):
         _entropy_attention_backward_kernel[grid](
             grad_h, *grad_h.stride(), features, *features.stride(),
             logits, *logits.stride(), grad_f, *grad_f.stride(), grad_w, partial,
-            B, C, H * W, W, LOGIT_GRAD=not ctx.detach, **settings,
+            B, C, H * W, W, *ctx.coefficients, LOGIT_GRAD=not ctx.detach, **settings,
         )
         grad_logits = None if ctx.detach else partial.sum(0).to(ctx.logits_dtype)
-        return grad_f, grad_logits, None
+        return grad_f, grad_logits, None, None, None

@@ -203,6 +203,56 @@ def test_entropy_attention_keeps_bf16_features_bf16():
     torch.testing.assert_close(h, ((2 - LN2) * f.float()).bfloat16())
 
 
+@pytest.mark.parametrize(
+    "form, unit, expected",
+    [
+        # w at d = 1/2 (undecided), d = sigmoid(2), d = 1 (certain), from the definitions with H in nats.
+        ("paper", "nats", lambda h: 1 - h),
+        ("paper", "bits", lambda h: 1 - h / LN2),
+        ("uncertainty", "nats", lambda h: h / LN2),
+        ("uncertainty", "bits", lambda h: h / LN2),
+    ],
+)
+def test_entropy_attention_forms_and_units_match_hand_values(form, unit, expected):
+    logits = torch.tensor([[0.0, 2.0, 100.0]])
+    sigmoid = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    entropies = [LN2, binary_entropy(sigmoid(2.0)), 0.0]
+    _, w = entropy_attention(torch.ones(1, 1, 1, 3), logits, form=form, unit=unit)
+    torch.testing.assert_close(w, torch.tensor([[expected(h) for h in entropies]]), rtol=0, atol=1e-6)
+
+
+def test_entropy_attention_uncertainty_form_weights_undecided_regions_most():
+    logits = torch.tensor([[0.0, 0.5, 3.0, -8.0, 100.0]])
+    _, paper = entropy_attention(torch.ones(1, 1, 1, 5), logits, form="paper", unit="bits")
+    _, uncertainty = entropy_attention(torch.ones(1, 1, 1, 5), logits, form="uncertainty")
+    assert uncertainty[0, 0] == pytest.approx(1.0) and uncertainty[0, 4] == pytest.approx(0.0, abs=1e-6)
+    assert (uncertainty[0, :-1] > uncertainty[0, 1:]).all()  # |logit| grows along the row: d grows more certain
+    torch.testing.assert_close(paper + uncertainty, torch.ones_like(paper))  # in bits the forms mirror each other
+
+
+@pytest.mark.parametrize("form, unit", [("paper", "bits"), ("uncertainty", "nats")])
+def test_entropy_attention_undetached_gradient_of_other_forms_is_analytic(form, unit):
+    # w = offset + slope * H with dH/dz = -z s (1 - s), so dL/dz[b, k] = sum_c g f * slope * -z s (1 - s).
+    slope = {"paper": -1 / LN2, "uncertainty": 1 / LN2}[form]
+    f = torch.randn(3, 4, 2, 3)
+    logits = (torch.randn(3, 6) * 3).requires_grad_()
+    upstream = torch.randn(3, 4, 2, 3)
+    h, _ = entropy_attention(f, logits, detach=False, form=form, unit=unit)
+    (h * upstream).sum().backward()
+    z = logits.detach()
+    s = torch.sigmoid(z)
+    expected = (upstream * f).flatten(2).sum(1) * slope * -z * s * (1 - s)
+    torch.testing.assert_close(logits.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_entropy_attention_rejects_unknown_form_and_unit():
+    f, logits = torch.randn(1, 2, 1, 2), torch.randn(1, 2)
+    with pytest.raises(ValueError, match="unknown attention form 'inverse'; allowed: paper, uncertainty"):
+        entropy_attention(f, logits, form="inverse")
+    with pytest.raises(ValueError, match="unknown entropy unit 'dits'; allowed: nats, bits"):
+        entropy_attention(f, logits, unit="dits")
+
+
 def test_entropy_attention_shape_errors():
     with pytest.raises(ValueError, match=r"f must be \[B, C, H, W\], got \[2, 3, 4\]"):
         entropy_attention(torch.randn(2, 3, 4), torch.randn(2, 4))
@@ -221,6 +271,14 @@ def test_attentive_entropy_matches_hand_computation():
     h_quarter = binary_entropy(0.75)
     expected = ((1 + LN2) * LN2 + (1 + h_quarter) * h_quarter) / 2
     assert attentive_entropy(class_logits, domain_logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_attentive_entropy_in_bits_weights_by_one_plus_entropy_in_bits():
+    # Image 1: H(p) = ln 2 and d = 1/2, so m = 1 + 1 bit = 2. Image 2: certain domain, m = 1.
+    class_logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    domain_logits = torch.tensor([0.0, 100.0])
+    expected = (2 * LN2 + 1 * binary_entropy(0.75)) / 2
+    assert attentive_entropy(class_logits, domain_logits, unit="bits").item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_attentive_entropy_is_finite_at_saturated_logits():

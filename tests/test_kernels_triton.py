@@ -212,8 +212,13 @@ def reference_binary_entropy(logits):
     return -probs * torch.log(probs) - (1 - probs) * torch.log1p(-probs)
 
 
-def reference_attention(f, logits):
-    weights = 1.0 - reference_binary_entropy(logits)
+def reference_attention(f, logits, form="paper", unit="nats"):
+    """Eq. 3 and 4 from the definitions: w = 1 - H (paper) or H normalised to [0, 1] (uncertainty)."""
+    entropy = reference_binary_entropy(logits)
+    if form == "paper":
+        weights = 1.0 - (entropy / math.log(2.0) if unit == "bits" else entropy)
+    else:
+        weights = entropy / math.log(2.0)
     return (1.0 + weights).view(f.shape[0], 1, *f.shape[2:]) * f, weights
 
 
@@ -252,6 +257,27 @@ def test_entropy_attention_matches_float64_reference(memory_format, dtype, detac
     assert_gradient_unless_detached(logits, logits64, detach, dtype, "grad of logits")
 
 
+@pytest.mark.parametrize(("form", "unit"), [("paper", "bits"), ("uncertainty", "nats"), ("uncertainty", "bits")])
+def test_entropy_attention_forms_and_units_match_float64_reference(form, unit):
+    B, C, H, W = 3, 37, 5, 7
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(B, C, H, W, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    logits = (torch.randn(B, H * W, generator=g) * 4).to(DEVICE).requires_grad_()
+    f.requires_grad_()
+    f64, logits64 = float64_copies([f, logits])
+
+    h, w = entropy_attention(f, logits, detach=False, form=form, unit=unit, backend="triton")
+    h64, w64 = reference_attention(f64, logits64, form, unit)
+    assert_matches(h, h64, torch.float32, "h")
+    assert_matches(w, w64, torch.float32, "w")
+    grad_h = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    grad_w = torch.randn(B, H * W, generator=g, dtype=torch.float64)
+    torch.autograd.backward([h, w], [grad_h.to(DEVICE, torch.float32), grad_w.to(DEVICE, torch.float32)])
+    torch.autograd.backward([h64, w64], [grad_h, grad_w])
+    assert_matches(f.grad, f64.grad, torch.float32, "grad of f")
+    assert_matches(logits.grad, logits64.grad, torch.float32, "grad of logits")
+
+
 def test_entropy_attention_saturated_logits_are_finite():
     f = torch.randn(2, 3, 2, 3, device=DEVICE, requires_grad=True)
     logits = torch.tensor([[100.0, -100.0, 0.0, 50.0, -50.0, 1.0]] * 2, device=DEVICE, requires_grad=True)
@@ -266,8 +292,8 @@ def test_entropy_attention_saturated_logits_are_finite():
 # -- attentive_entropy ------------------------------------------------------------------------
 
 
-def reference_attentive_entropy(class_logits, domain_logits):
-    attention = 1.0 + reference_binary_entropy(domain_logits)
+def reference_attentive_entropy(class_logits, domain_logits, unit="nats"):
+    attention = 1.0 + reference_binary_entropy(domain_logits) / (math.log(2.0) if unit == "bits" else 1.0)
     log_p = class_logits.log_softmax(dim=1)
     return (attention * -(log_p.exp() * log_p).sum(dim=1)).mean()
 
@@ -293,6 +319,20 @@ def test_attentive_entropy_matches_float64_reference(n, classes, dtype, detach):
     assert_gradient_unless_detached(domain_logits, domain64, detach, dtype, "grad of domain logits")
 
 
+def test_attentive_entropy_in_bits_matches_float64_reference():
+    g = torch.Generator().manual_seed(2)
+    class_logits = (torch.randn(37, 45, generator=g) * 3).to(DEVICE).requires_grad_()
+    domain_logits = (torch.randn(37, generator=g) * 3).to(DEVICE).requires_grad_()
+    class64, domain64 = float64_copies([class_logits, domain_logits])
+    loss = attentive_entropy(class_logits, domain_logits, detach=False, unit="bits", backend="triton")
+    expected = reference_attentive_entropy(class64, domain64, unit="bits")
+    assert_matches(loss, expected, torch.float32, "loss")
+    loss.backward()
+    expected.backward()
+    assert_matches(class_logits.grad, class64.grad, torch.float32, "grad of class logits")
+    assert_matches(domain_logits.grad, domain64.grad, torch.float32, "grad of domain logits")
+
+
 def test_attentive_entropy_saturated_logits_are_finite():
     class_logits = torch.tensor([[100.0, -100.0, 0.0], [-100.0, 100.0, 100.0]], device=DEVICE, requires_grad=True)
     domain_logits = torch.tensor([100.0, -100.0], device=DEVICE, requires_grad=True)
@@ -312,7 +352,7 @@ def test_tada_model_with_triton_kernels_matches_eager_including_grl_signs():
     def run(backend):
         torch.manual_seed(0)
         model = create_model(method="tada", backbone="small_cnn", num_classes=3, image_size=12,
-                             region_hidden=40, global_hidden=32, bottleneck_dim=32, dropout=0.0,
+                             region_hidden=40, global_hidden=32, bottleneck_dim=32, discriminator_dropout=0.0,
                              kernels_backend=backend).to(DEVICE)
         model.set_grl_coeff(0.7)
         images = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -344,7 +384,7 @@ def test_training_run_with_triton_kernels_follows_the_eager_run(tmp_path):
             f"data.root={data}", f"output_dir={run_dir}", f"tracking.uri=sqlite:///{db}", f"kernels.backend={backend}",
             "train.steps=3", "train.log_every=1", "train.eval_every=0", "checkpoint.every=0",
             "data.loader=torch", "data.num_threads=0", "data.batch_size=4", "data.eval_batch_size=64",
-            "model.dropout=0", "model.region_hidden=16", "model.global_hidden=32", "model.bottleneck_dim=32",
+            "model.discriminator_dropout=0", "model.region_hidden=16", "model.global_hidden=32", "model.bottleneck_dim=32",
         ]
         result = subprocess.run([sys.executable, "-m", "tada_dist.train", *overrides], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=600)
