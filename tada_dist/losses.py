@@ -39,14 +39,21 @@ def global_adversarial_loss(global_logits: Tensor, domain_labels: Tensor) -> Ten
 
 
 def attentive_entropy_loss(
-    class_logits: Tensor, global_logits: Tensor, *, detach: bool = True, backend: str = "auto"
+    class_logits: Tensor, global_logits: Tensor, *, detach: bool = True, unit: str = "nats", backend: str = "auto"
 ) -> Tensor:
     """Eq. 7: L_h = 1/n sum_i m_i H(p_i) with m_i = 1 + H(d_i) (eq. 6), over source and target images.
 
-    detach stops gradients through m (the default, DESIGN "detach_attention"); backend is the
-    tada_kernels backend.
+    detach stops gradients through m (the default: m conditions the loss, as the thuml code detaches
+    its conditioning weights); unit is the unit of H(d_i); backend is the tada_kernels backend.
     """
-    return tada_kernels.attentive_entropy(class_logits, global_logits, detach=detach, backend=backend)
+    return tada_kernels.attentive_entropy(class_logits, global_logits, detach=detach, unit=unit, backend=backend)
+
+
+def entropy_loss(class_logits: Tensor) -> Tensor:
+    """Plain entropy minimisation (Grandvalet & Bengio 2005), eq. 7 with m_i = 1: the entropy module
+    of TADA (local), which has no global discriminator to weight it."""
+    log_probs = class_logits.float().log_softmax(dim=1)
+    return -(log_probs.exp() * log_probs).sum(dim=1).mean()
 
 
 def classification_loss(class_logits_source: Tensor, labels: Tensor) -> Tensor:
@@ -61,14 +68,16 @@ def tada_objective(
     *,
     method: str,
     detach_attention: bool = True,
+    entropy_unit: str = "nats",
     backend: str = "auto",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. 9 for `method`, from the outputs of TADA.forward. Returns (total, terms).
 
     source_only: L_y                          dann: L_y + lambda L_g
-    tada_local:  L_y + lambda L_l             tada_global: L_y + gamma L_h + lambda L_g
+    tada_local:  L_y + gamma H + lambda L_l   tada_global: L_y + gamma L_h + lambda L_g
     tada:        L_y + gamma L_h + lambda (L_g + L_l)
-    terms holds detached scalars: "loss", "cls", and "local", "global", "entropy" where used.
+    (H: plain entropy, L_h: attentive entropy.) terms holds detached scalars: "loss", "cls", and
+    "local", "global", "entropy" where used.
     """
     parts = method_parts(method)
     terms = {"cls": classification_loss(outputs["class_logits_source"], source_labels)}
@@ -76,10 +85,13 @@ def tada_objective(
         terms["local"] = local_adversarial_loss(outputs["region_logits"], outputs["domain_labels"])
     if parts.global_discriminator:
         terms["global"] = global_adversarial_loss(outputs["global_logits"], outputs["domain_labels"])
-    if parts.attentive_entropy:
+    if parts.entropy and parts.global_discriminator:
         terms["entropy"] = attentive_entropy_loss(
-            outputs["class_logits"], outputs["global_logits"], detach=detach_attention, backend=backend
+            outputs["class_logits"], outputs["global_logits"], detach=detach_attention, unit=entropy_unit,
+            backend=backend,
         )
+    elif parts.entropy:
+        terms["entropy"] = entropy_loss(outputs["class_logits"])
 
     total = terms["cls"]
     adversarial = [terms[name] for name in ("local", "global") if name in terms]

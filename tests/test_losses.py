@@ -79,12 +79,13 @@ L_Y = math.log(3.0)
 L_L = LN2
 L_G = (bce(2.0, 1) + bce(2.0, 0)) / 2
 L_H = (1 + (softplus(2.0) - 2.0 / (1 + math.exp(-2.0)))) * math.log(3.0)  # m = 1 + H(sigmoid(2))
+PLAIN_H = math.log(3.0)  # tada_local's entropy has no global discriminator to weight it: m = 1
 LAMBDA, GAMMA = 0.5, 0.2
 
 EXPECTED_TERMS = {
     "source_only": ({"cls": L_Y}, L_Y),
     "dann": ({"cls": L_Y, "global": L_G}, L_Y + LAMBDA * L_G),
-    "tada_local": ({"cls": L_Y, "local": L_L}, L_Y + LAMBDA * L_L),
+    "tada_local": ({"cls": L_Y, "local": L_L, "entropy": PLAIN_H}, L_Y + GAMMA * PLAIN_H + LAMBDA * L_L),
     "tada_global": ({"cls": L_Y, "global": L_G, "entropy": L_H}, L_Y + GAMMA * L_H + LAMBDA * L_G),
     "tada": ({"cls": L_Y, "local": L_L, "global": L_G, "entropy": L_H}, L_Y + GAMMA * L_H + LAMBDA * (L_G + L_L)),
 }

@@ -1,5 +1,6 @@
 """The TADA model: outputs per method, BatchNorm batching, gradient reversal, optimiser groups, backbones."""
 
+import math
 import urllib.error
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torchvision
 
 from tada_dist.losses import LossWeights, global_adversarial_loss, local_adversarial_loss, tada_objective
-from tada_dist.model import METHODS, create_backbone, create_model
+from tada_dist.model import METHODS, ModelError, create_backbone, create_model
 from tada_dist.optim import create_optimizer, parameter_groups
 
 UNKNOWN_METHOD = "unknown method 'mada'; allowed: source_only, dann, tada_local, tada_global, tada"
@@ -72,7 +73,7 @@ def test_source_only_never_sees_the_target_batch():
 
 @pytest.mark.parametrize("method", ["dann", "tada"])
 def test_adaptation_methods_normalise_source_and_target_as_one_batch(method):
-    model = small_model(method, dropout=0.0)
+    model = small_model(method, discriminator_dropout=0.0)
     x_source, x_target = digit_batches()
     joint = model(x_source, x_target)["class_logits_source"]
     # Same batch statistics as forwarding the concatenation; a different target batch changes them.
@@ -92,7 +93,7 @@ def adversarial_gradients(model, coeff: float) -> dict[str, torch.Tensor]:
 
 
 def test_gradient_reversal_flips_the_adversarial_gradient_below_the_discriminators():
-    model = small_model("tada", dropout=0.0)
+    model = small_model("tada", discriminator_dropout=0.0)
     plain = adversarial_gradients(model, coeff=-1.0)  # -(-1) * grad: no reversal
     discriminator_names = [n for n in plain if n.startswith(("region_discriminators.", "global_discriminator."))]
     below_names = [n for n in plain if n.startswith(("backbone.", "bottleneck."))]
@@ -110,7 +111,7 @@ def test_gradient_reversal_flips_the_adversarial_gradient_below_the_discriminato
 
 
 def test_channels_last_model_matches_contiguous():
-    model = small_model("tada", dropout=0.0)
+    model = small_model("tada", discriminator_dropout=0.0)
     x_source, x_target = digit_batches()
     expected = model(x_source, x_target)
     model = model.to(memory_format=torch.channels_last)
@@ -135,13 +136,82 @@ def test_model_errors():
     x_source, _ = digit_batches()
     with pytest.raises(ValueError, match="method 'tada' adapts to the target domain: pass x_target"):
         small_model("tada")(x_source)
-    with pytest.raises(ValueError, match=r"map is 8x8 = 64 regions, but the model was built for K = 49"):
+    with pytest.raises(ValueError, match=r"map is 8x8 = 64 regions, but the model was built for a 7x7 map \(K = 49\)"):
         small_model("tada_local")(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="unknown pooling 'max'; allowed: avg, flatten"):
+        small_model("tada", pooling="max")
+    with pytest.raises(ValueError, match="unknown attention form 'inverse'; allowed: paper, uncertainty"):
+        small_model("tada", attention="inverse")
 
 
 def test_region_hidden_defaults_per_backbone():
     assert small_model("tada").region_discriminators.hidden == 64
     assert small_model("tada", region_hidden=16).region_discriminators.w2.shape == (49, 16, 16)
+    assert lenet_model("tada").region_discriminators.hidden == 100
+
+
+def lenet_model(method: str, **kwargs):
+    """The textbook digits network: LeNet features flattened into FC 100 -> FC 100 -> classes."""
+    torch.manual_seed(0)
+    settings = dict(pooling="flatten", bottleneck_dim=100, bottleneck_layers=2, bottleneck_batchnorm=False,
+                    global_hidden=100)
+    return create_model(method=method, backbone="lenet", num_classes=10, image_size=28, **{**settings, **kwargs})
+
+
+def test_lenet_is_the_textbook_digits_network():
+    model = lenet_model("dann")
+    assert model.num_regions == 16 and model.map_size == (4, 4)
+    convs = [m for m in model.backbone if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(3, 32, (5, 5)), (32, 48, (5, 5))]
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    linears = [m for m in [*model.bottleneck, model.classifier] if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(768, 100), (100, 100), (100, 10)]
+    x = torch.randn(3, 3, 28, 28)
+    assert model.backbone(x).shape == (3, 48, 4, 4)
+    assert model(x, x)["global_logits"].shape == (6,)
+
+
+def test_flatten_pooling_keeps_regions_apart_and_avg_mixes_them():
+    """Moving the map's regions around changes flattened features but not averaged ones."""
+    feature_map = torch.randn(2, 48, 4, 4)
+    moved = feature_map.flatten(2).flip(2).view_as(feature_map)
+    for pooling, should_change in (("flatten", True), ("avg", False)):
+        model = lenet_model("dann", pooling=pooling).eval()
+        model.backbone = torch.nn.Identity()  # feed the map itself
+        with torch.no_grad():
+            changed = not torch.allclose(model.predict(feature_map), model.predict(moved), atol=1e-6)
+        assert changed == should_change, pooling
+        assert model.bottleneck[0].in_features == (768 if pooling == "flatten" else 48)
+
+
+def test_bottleneck_options():
+    model = small_model("dann", bottleneck_dim=32, bottleneck_layers=2, bottleneck_batchnorm=True,
+                        bottleneck_dropout=0.25)
+    kinds = [type(m).__name__ for m in model.bottleneck]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout"] * 2
+    assert model.bottleneck[3].p == 0.25
+    assert [type(m).__name__ for m in small_model("dann").bottleneck] == ["Linear", "BatchNorm1d", "ReLU"]
+
+
+def test_tada_local_trains_plain_entropy_and_tada_global_attentive_entropy():
+    """The paper's ablation: TADA (local) = classification + local attention + entropy; TADA (global)
+    = classification + global attention + attentive entropy."""
+    x_source, x_target = digit_batches()
+    labels = torch.tensor([0, 1, 2, 5])
+    weights = LossWeights(adaptation=1.0, entropy=0.1)
+    outputs = small_model("tada_local", discriminator_dropout=0.0)(x_source, x_target)
+    total, terms = tada_objective(outputs, labels, weights, method="tada_local")
+    log_p = outputs["class_logits"].detach().log_softmax(1)
+    plain = -(log_p.exp() * log_p).sum(1).mean()
+    torch.testing.assert_close(terms["entropy"], plain)
+    torch.testing.assert_close(total.detach(), terms["cls"] + terms["local"] + 0.1 * plain)
+
+    outputs = small_model("tada_global", discriminator_dropout=0.0)(x_source, x_target)
+    _, terms = tada_objective(outputs, labels, weights, method="tada_global", entropy_unit="bits")
+    log_p = outputs["class_logits"].detach().log_softmax(1)
+    z = outputs["global_logits"].detach()
+    m = 1 + (torch.nn.functional.softplus(z) - z * torch.sigmoid(z)) / math.log(2.0)
+    torch.testing.assert_close(terms["entropy"], (m * -(log_p.exp() * log_p).sum(1)).mean())
 
 
 def test_resnet18_at_64_pixels_has_a_2x2_map():
@@ -197,11 +267,11 @@ def test_resnet_backbone_loads_a_local_state_dict(tmp_path):
 
 
 def test_backbone_errors(tmp_path, monkeypatch):
-    allowed = "small_cnn, resnet18, resnet34, resnet50, resnet101"
+    allowed = "lenet, small_cnn, resnet18, resnet34, resnet50, resnet101"
     with pytest.raises(ValueError, match=f"unknown backbone 'vgg16'; allowed: {allowed}"):
         create_backbone("vgg16")
     missing = tmp_path / "nope.pth"
-    with pytest.raises(FileNotFoundError, match=f"pretrained weights file not found: {missing}"):
+    with pytest.raises(ModelError, match=f"pretrained weights file not found: {missing}"):
         create_backbone("resnet50", pretrained=str(missing))
     with pytest.raises(ValueError, match="backbone small_cnn has no pretrained weights"):
         create_backbone("small_cnn", pretrained="IMAGENET1K_V1")
@@ -216,5 +286,10 @@ def test_backbone_errors(tmp_path, monkeypatch):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torchvision.models, "get_model", offline)
-    with pytest.raises(RuntimeError, match="could not download torchvision weights 'IMAGENET1K_V1' .*local .pth"):
+    with pytest.raises(ModelError) as error:
         create_backbone("resnet18", pretrained="IMAGENET1K_V1")
+    assert str(error.value) == (
+        "could not download torchvision weights 'IMAGENET1K_V1' for resnet18 (Name or service not known); download "
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth on a machine with network access and pass the "
+        "file: model.pretrained=/path/to/resnet18-f37072fd.pth"
+    )

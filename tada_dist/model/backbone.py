@@ -12,7 +12,12 @@ import torchvision
 from torch import nn
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-BACKBONES = ("small_cnn", *RESNETS)
+
+
+class ModelError(ValueError):
+    """A backbone or its pretrained weights cannot be built as asked."""
+
+BACKBONES = ("lenet", "small_cnn", *RESNETS)
 
 
 class ResNetTrunk(nn.Sequential):
@@ -47,6 +52,18 @@ def small_cnn() -> nn.Sequential:
     )
 
 
+def lenet() -> nn.Sequential:
+    """The digits network of the published MNIST -> MNIST-M baselines (Ganin & Lempitsky 2015), up to
+    its flattened features: conv 5x5 32 -> maxpool -> conv 5x5 48 -> maxpool, ReLU after each pool,
+    no BatchNorm, no padding. 28x28 -> 48 x 4 x 4, so K = 16 regions and 768 flattened features; the
+    published network's FC 100 -> FC 100 -> classes head is the model's bottleneck and classifier.
+    """
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True),
+        nn.Conv2d(32, 48, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True),
+    )
+
+
 def create_backbone(name: str, *, pretrained: str | None = None) -> tuple[nn.Module, int]:
     """Return (module, C): module maps [B, 3, S, S] images to [B, C, h, w] feature maps.
 
@@ -54,11 +71,11 @@ def create_backbone(name: str, *, pretrained: str | None = None) -> tuple[nn.Mod
     by torchvision), or the path of a local .pth state dict of the matching torchvision ResNet.
     """
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
-    if name == "small_cnn":
+        raise ModelError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
+    if name in ("lenet", "small_cnn"):
         if pretrained is not None:
-            raise ValueError(f"backbone small_cnn has no pretrained weights, got pretrained={pretrained!r}; use None")
-        return small_cnn(), 128
+            raise ModelError(f"backbone {name} has no pretrained weights, got pretrained={pretrained!r}; use None")
+        return (lenet(), 48) if name == "lenet" else (small_cnn(), 128)
 
     if pretrained is None:
         resnet = torchvision.models.get_model(name, weights=None)
@@ -78,25 +95,27 @@ def _is_path(pretrained: str) -> bool:
 def _resnet_from_torchvision(name: str, weights: str) -> torchvision.models.ResNet:
     available = list(torchvision.models.get_model_weights(name).__members__)
     if weights not in available:
-        raise ValueError(
+        raise ModelError(
             f"unknown torchvision weights {weights!r} for {name}; allowed: {', '.join(available)} or a .pth path"
         )
     try:
         return torchvision.models.get_model(name, weights=weights)
     except OSError as error:  # urllib's URLError is an OSError: no network, proxy, DNS
-        raise RuntimeError(
-            f"could not download torchvision weights {weights!r} for {name} ({error}); "
-            f"pass the path of a local .pth state dict as pretrained instead"
+        url = torchvision.models.get_model_weights(name)[weights].url
+        reason = getattr(error, "reason", error)
+        raise ModelError(
+            f"could not download torchvision weights {weights!r} for {name} ({reason}); download {url} on a "
+            f"machine with network access and pass the file: model.pretrained=/path/to/{Path(url).name}"
         ) from error
 
 
 def _resnet_from_file(name: str, path: Path) -> torchvision.models.ResNet:
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+        raise ModelError(f"pretrained weights file not found: {path}")
     resnet = torchvision.models.get_model(name, weights=None)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, expected a {name} state dict")
+        raise ModelError(f"{path} holds a {type(state).__name__}, expected a {name} state dict")
     # The classifier head is discarded anyway, so checkpoints with or without fc.* both load.
     state = {key: value for key, value in state.items() if not key.startswith("fc.")}
     try:
@@ -105,5 +124,5 @@ def _resnet_from_file(name: str, path: Path) -> torchvision.models.ResNet:
         first_problem = str(error).splitlines()[1].strip()
         if len(first_problem) > 200:
             first_problem = first_problem[:200] + "..."
-        raise ValueError(f"{path} is not a {name} state dict: {first_problem}") from error
+        raise ModelError(f"{path} is not a {name} state dict: {first_problem}") from error
     return resnet

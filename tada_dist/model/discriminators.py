@@ -57,15 +57,22 @@ class RegionDiscriminators(nn.Module):
         )
 
 
-class DomainDiscriminator(nn.Sequential):
-    """Image-level discriminator G_d on the bottleneck features: in -> hidden -> hidden -> 1, [B, in] -> [B] logits."""
+def mlp(in_features: int, hidden: int, layers: int, out_features: int, dropout: float = 0.0) -> list[nn.Module]:
+    """`layers` hidden Linear + ReLU (+ Dropout) of width `hidden`, then Linear to out_features."""
+    modules: list[nn.Module] = []
+    for index in range(layers):
+        modules += [nn.Linear(in_features if index == 0 else hidden, hidden), nn.ReLU(inplace=True)]
+        if dropout > 0:
+            modules.append(nn.Dropout(dropout))
+    return [*modules, nn.Linear(hidden if layers else in_features, out_features)]
 
-    def __init__(self, in_features: int, hidden: int = 1024, dropout: float = 0.5):
-        super().__init__(
-            nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden, 1),
-        )
+
+class DomainDiscriminator(nn.Sequential):
+    """Image-level discriminator G_d on the bottleneck features, [B, in] -> [B] logits: in -> hidden ->
+    hidden -> 1 (two hidden layers, the thuml design) or in -> hidden -> 1 (one, the textbook digits one)."""
+
+    def __init__(self, in_features: int, hidden: int = 1024, dropout: float = 0.5, layers: int = 2):
+        super().__init__(*mlp(in_features, hidden, layers, 1, dropout))
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x).squeeze(1)

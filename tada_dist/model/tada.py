@@ -1,11 +1,12 @@
 """The TADA network (paper Fig. 1) and its ablations as switches on one model.
 
-One training step, top to bottom (DESIGN.md "Data flow of one training step"):
+One training step, top to bottom:
 
     x = cat(x_source, x_target)          one batch, so BatchNorm sees one set of statistics
     f = G_f(x)                           [B, C, h, w], K = h * w regions
     local attention:  d_k = G_d^k(GRL(f)), h = (1 + w) * f with w = 1 - H(d_k)   (eq. 2-4)
-    z = G_b(avgpool(h))                  bottleneck features
+    z = G_b(pool(h))                     bottleneck features; pool averages the map (ResNets) or
+                                         flattens it (the digits LeNet, whose head reads all 768 values)
     class logits = G_y(z)
     global attention: d = G_d(GRL(z))                                             (eq. 5, 6)
 
@@ -20,8 +21,11 @@ from torch import Tensor, nn
 import tada_kernels
 
 from .backbone import create_backbone
-from .discriminators import DomainDiscriminator, RegionDiscriminators
+from .discriminators import DomainDiscriminator, RegionDiscriminators, mlp
 from .grl import GradientReversal
+
+
+POOLINGS = ("avg", "flatten")
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class MethodParts:
 
     local_attention: bool  # region discriminators + entropy attention on the map, L_l
     global_discriminator: bool  # image-level discriminator on the bottleneck, L_g
-    attentive_entropy: bool  # L_h weighted by the global discriminator
+    entropy: bool  # L_h: weighted by the global attention m (eq. 6) with a global discriminator, plain otherwise
 
     @property
     def adapts(self) -> bool:
@@ -38,12 +42,15 @@ class MethodParts:
         return self.local_attention or self.global_discriminator
 
 
+# The paper's ablation: "TADA (local) [is] the combination of classification, local attention and
+# entropy modules, and TADA (global) the combination of classification, global attention and
+# attentive entropy modules". Without a global discriminator there is no m, so tada_local's entropy is plain.
 METHODS: dict[str, MethodParts] = {
-    "source_only": MethodParts(local_attention=False, global_discriminator=False, attentive_entropy=False),
-    "dann": MethodParts(local_attention=False, global_discriminator=True, attentive_entropy=False),
-    "tada_local": MethodParts(local_attention=True, global_discriminator=False, attentive_entropy=False),
-    "tada_global": MethodParts(local_attention=False, global_discriminator=True, attentive_entropy=True),
-    "tada": MethodParts(local_attention=True, global_discriminator=True, attentive_entropy=True),
+    "source_only": MethodParts(local_attention=False, global_discriminator=False, entropy=False),
+    "dann": MethodParts(local_attention=False, global_discriminator=True, entropy=False),
+    "tada_local": MethodParts(local_attention=True, global_discriminator=False, entropy=True),
+    "tada_global": MethodParts(local_attention=False, global_discriminator=True, entropy=True),
+    "tada": MethodParts(local_attention=True, global_discriminator=True, entropy=True),
 }
 
 
@@ -51,6 +58,23 @@ def method_parts(method: str) -> MethodParts:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
     return METHODS[method]
+
+
+def bottleneck(in_features: int, width: int, *, layers: int, batchnorm: bool, dropout: float) -> nn.Module:
+    """G_b: `layers` times Linear (+ BatchNorm) + ReLU (+ Dropout). One layer with BatchNorm and no
+    dropout is the thuml ResNet bottleneck. Zero layers is no bottleneck (the textbook digits network,
+    whose domain classifier reads the flattened features themselves)."""
+    if layers == 0:
+        return nn.Identity()
+    modules: list[nn.Module] = []
+    for index in range(layers):
+        modules.append(nn.Linear(in_features if index == 0 else width, width))
+        if batchnorm:
+            modules.append(nn.BatchNorm1d(width))
+        modules.append(nn.ReLU(inplace=True))
+        if dropout > 0:
+            modules.append(nn.Dropout(dropout))
+    return nn.Sequential(*modules)
 
 
 class TADA(nn.Module):
@@ -62,39 +86,53 @@ class TADA(nn.Module):
         method: str,
         backbone: nn.Module,
         feature_channels: int,
-        num_regions: int,
+        map_size: tuple[int, int],
         num_classes: int,
-        bottleneck_dim: int,
+        pooling: str,
+        bottleneck: nn.Module,
+        feature_dim: int,
+        classifier_hidden: int,
+        classifier_layers: int,
         region_hidden: int,
         global_hidden: int,
-        dropout: float,
+        global_layers: int,
+        discriminator_dropout: float,
+        attention: str,
+        entropy_unit: str,
         detach_attention: bool,
         kernels_backend: str,
     ):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)}")
         self.method = method
         self.parts = method_parts(method)
-        self.num_regions = num_regions
+        self.map_size = tuple(map_size)
+        self.num_regions = map_size[0] * map_size[1]
+        self.pooling = pooling
+        self.attention = attention
+        self.entropy_unit = entropy_unit
         self.detach_attention = detach_attention
         self.kernels_backend = kernels_backend
+        tada_kernels.attention_coefficients(attention, entropy_unit)  # reject an unknown form or unit now
 
         self.backbone = backbone
         if self.parts.local_attention:
             self.local_grl = GradientReversal()
             self.region_discriminators = RegionDiscriminators(
-                num_regions, feature_channels, region_hidden, dropout, backend=kernels_backend
+                self.num_regions, feature_channels, region_hidden, discriminator_dropout, backend=kernels_backend
             )
-        # Bottleneck as in the thuml code: Linear + BatchNorm + ReLU + Dropout.
-        self.bottleneck = nn.Sequential(
-            nn.Linear(feature_channels, bottleneck_dim),
-            nn.BatchNorm1d(bottleneck_dim),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-        )
-        self.classifier = nn.Linear(bottleneck_dim, num_classes)
+        self.bottleneck = bottleneck
+        # G_y: a Linear on the bottleneck (thuml), or the textbook digits head FC 100 -> FC 100 -> classes.
+        if classifier_layers == 0:
+            self.classifier = nn.Linear(feature_dim, num_classes)
+        else:
+            self.classifier = nn.Sequential(*mlp(feature_dim, classifier_hidden, classifier_layers, num_classes))
         if self.parts.global_discriminator:
             self.global_grl = GradientReversal()
-            self.global_discriminator = DomainDiscriminator(bottleneck_dim, global_hidden, dropout)
+            self.global_discriminator = DomainDiscriminator(
+                feature_dim, global_hidden, discriminator_dropout, layers=global_layers
+            )
 
     def set_grl_coeff(self, coeff: float) -> None:
         """Set the reversal coefficient of every GRL (the trainer calls this each step with grl_schedule(p))."""
@@ -142,25 +180,33 @@ class TADA(nn.Module):
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Images -> (bottleneck features G_b(h) [B, bottleneck_dim], region logits [B, K] or None)."""
         feature_map = self.backbone(x)
+        height, width = feature_map.shape[2:]
+        if (height, width) != self.map_size:
+            raise ValueError(
+                f"the backbone map is {height}x{width} = {height * width} regions, but the model was built "
+                f"for a {self.map_size[0]}x{self.map_size[1]} map (K = {self.num_regions}); create the model "
+                "with the image_size you feed it"
+            )
         region_logits = None
         if self.parts.local_attention:
             feature_map, region_logits = self._local_attention(feature_map)
-        return self.bottleneck(feature_map.mean(dim=(2, 3))), region_logits
+        pooled = feature_map.mean(dim=(2, 3)) if self.pooling == "avg" else feature_map.flatten(1)
+        return self.bottleneck(pooled), region_logits
 
     def _local_attention(self, feature_map: Tensor) -> tuple[Tensor, Tensor]:
-        _, _, height, width = feature_map.shape
-        if height * width != self.num_regions:
-            raise ValueError(
-                f"the backbone map is {height}x{width} = {height * width} regions, but the model was built "
-                f"for K = {self.num_regions}; create the model with the image_size you feed it"
-            )
         # [B, C, h, w] -> [B, K, C] as a strided view (no copy; contiguous for a channels-last map).
         regions = self.local_grl(feature_map).flatten(2).transpose(1, 2)
         region_logits = self.region_discriminators(regions)
         attended, _ = tada_kernels.entropy_attention(
-            feature_map, region_logits, detach=self.detach_attention, backend=self.kernels_backend
+            feature_map, region_logits, detach=self.detach_attention, form=self.attention, unit=self.entropy_unit,
+            backend=self.kernels_backend,
         )
         return attended, region_logits
+
+
+# Region discriminator width when none is given: the paper's 1024 for ResNets, smaller for the
+# digits networks whose regions have 48 or 128 channels.
+DEFAULT_REGION_HIDDEN = {"lenet": 100, "small_cnn": 64}
 
 
 def create_model(
@@ -170,34 +216,53 @@ def create_model(
     num_classes: int,
     image_size: int,
     pretrained: str | None = None,
+    pooling: str = "avg",
     bottleneck_dim: int = 256,
+    bottleneck_layers: int = 1,
+    bottleneck_batchnorm: bool = True,
+    bottleneck_dropout: float = 0.0,
+    classifier_hidden: int = 0,
+    classifier_layers: int = 0,
     region_hidden: int | None = None,
     global_hidden: int = 1024,
-    dropout: float = 0.5,
+    global_layers: int = 2,
+    discriminator_dropout: float = 0.5,
+    attention: str = "paper",
+    entropy_unit: str = "nats",
     detach_attention: bool = True,
     kernels_backend: str = "auto",
 ) -> TADA:
     """Build TADA for `method` on `backbone` (see backbone.BACKBONES).
 
     image_size: the side of the square training images; it fixes the feature-map size and so the
-    number K of region discriminators. region_hidden defaults to 1024 for ResNets (the paper's
-    setting) and 64 for small_cnn. dropout applies to the bottleneck and every discriminator layer.
+    number K of region discriminators (and, with pooling "flatten", the bottleneck's input width).
+    region_hidden defaults to 1024 for ResNets (the paper's setting), 100 for lenet and 64 for small_cnn.
     """
     method_parts(method)  # an unknown method fails before a backbone is built
     feature_extractor, channels = create_backbone(backbone, pretrained=pretrained)
     height, width = _feature_map_size(feature_extractor, image_size)
     if region_hidden is None:
-        region_hidden = 64 if backbone == "small_cnn" else 1024
+        region_hidden = DEFAULT_REGION_HIDDEN.get(backbone, 1024)
+    pooled_features = channels * height * width if pooling == "flatten" else channels
+    feature_dim = bottleneck_dim if bottleneck_layers > 0 else pooled_features
     return TADA(
         method=method,
         backbone=feature_extractor,
         feature_channels=channels,
-        num_regions=height * width,
+        map_size=(height, width),
         num_classes=num_classes,
-        bottleneck_dim=bottleneck_dim,
+        pooling=pooling,
+        bottleneck=bottleneck(pooled_features, bottleneck_dim, layers=bottleneck_layers,
+                              batchnorm=bottleneck_batchnorm, dropout=bottleneck_dropout),
+        feature_dim=feature_dim,
+        classifier_hidden=classifier_hidden,
+        classifier_layers=classifier_layers,
         region_hidden=region_hidden,
         global_hidden=global_hidden,
-        dropout=dropout,
+        global_layers=global_layers,
+        discriminator_dropout=discriminator_dropout,
+        attention=attention,
+        entropy_unit=entropy_unit,
         detach_attention=detach_attention,
         kernels_backend=kernels_backend,
     )
