@@ -27,6 +27,7 @@ from tada_dist.data import (
     ensure_synthetic_dataset,
     load_domain,
 )
+from tada_dist.data.transforms import RandomCrops
 
 BACKENDS = ("dali", "torch")
 # Mean 0 and std 1 leave pixel values in [0, 1], so the id in the red channel reads back exactly.
@@ -498,3 +499,79 @@ def test_dali_and_torch_train_batches_agree_crop_for_crop(tmp_path):
                                  seed=9, num_threads=1)
     images = next(loader)[0]
     assert len({tuple(image.flatten().tolist()) for image in images}) > 4
+
+
+# ---------------------------------------------------------------------------------------------- thuml transforms
+
+
+def test_random_resized_windows_follow_torchvision_bounds_and_repeat_from_their_key():
+    crops = RandomCrops.draw(2000, flip=True, key=(1, 0, 3, 64), kind="random_resized")
+    area, ratio = crops.width * crops.height, crops.width / crops.height
+    full = (crops.width == 1.0) & (crops.height == 1.0)  # the fallback after ten misses
+    assert ((area >= 0.08 - 1e-6) & (area <= 1 + 1e-6)).all()
+    assert ((ratio >= 0.75 - 1e-6) & (ratio <= 4 / 3 + 1e-6) | full).all()
+    assert (crops.x >= 0).all() and (crops.y >= 0).all()
+    assert (crops.x + crops.width <= 1 + 1e-6).all() and (crops.y + crops.height <= 1 + 1e-6).all()
+    assert 0.3 < area.mean() < 0.7 and 0.4 < crops.flip.mean() < 0.6
+    again = RandomCrops.draw(2000, flip=True, key=(1, 0, 3, 64), kind="random_resized")
+    assert np.array_equal(again.x, crops.x) and np.array_equal(again.width, crops.width)
+
+
+def quarter_black_image(folder: Path) -> Domain:
+    """20 wide, 10 high: the left quarter black, the rest white."""
+    image = np.full((10, 20, 3), 255, dtype=np.uint8)
+    image[:, :5] = 0
+    (folder / "only").mkdir(parents=True)
+    Image.fromarray(image).save(folder / "only" / "0.png")
+    return load_domain(folder)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_square_resize_keeps_the_whole_width_and_shorter_resize_crops_it(tmp_path, backend):
+    domain = quarter_black_image(tmp_path / "dom")
+    [(square, _)] = list(_eval_loader(domain, backend, batch_size=1, resize_mode="square"))
+    [(shorter, _)] = list(_eval_loader(domain, backend, batch_size=1, resize_mode="shorter"))
+    assert square.shape == shorter.shape == (1, 3, 8, 8)
+    # Square: 20 x 10 -> 10 x 10, the black quarter spans 2.5 columns, 1.5 of them inside the centre crop.
+    assert 0.1 < (square < 0.5).float().mean() < 0.25
+    # Shorter side: 20 x 10 stays 20 x 10 and the centre 8 columns are all white.
+    assert shorter.min() > 0.99
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ten_crop_views_are_the_corners_the_centre_and_their_mirrors(tmp_path, backend):
+    rng = np.random.default_rng(4)
+    (tmp_path / "dom" / "c").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, size=(10, 10, 3), dtype=np.uint8)).save(tmp_path / "dom" / "c" / "0.png")
+    domain = load_domain(tmp_path / "dom")
+    [(views, labels)] = list(_eval_loader(domain, backend, batch_size=2, ten_crop=True))
+    [(centre, _)] = list(_eval_loader(domain, backend, batch_size=2))
+    assert views.shape == (1, 10, 3, 8, 8) and labels.tolist() == [0]
+    pixels = torch.from_numpy(np.array(Image.open(domain.files[0]))).permute(2, 0, 1).float() / 255
+    corners = [pixels[:, :8, :8], pixels[:, :8, 2:], pixels[:, 2:, :8], pixels[:, 2:, 2:], pixels[:, 1:9, 1:9]]
+    for index, expected in enumerate(corners):
+        torch.testing.assert_close(views[0, index], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(views[0, 5 + index], expected.flip(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(views[0, 4], centre[0])
+
+
+def test_dali_and_torch_random_resized_crops_cut_the_same_windows(tmp_path):
+    # A smooth two-way gradient: each window has its own mean colour, and interpolation barely matters.
+    ramp = np.linspace(0, 255, 40)
+    image = np.stack([np.broadcast_to(ramp[None, :], (40, 40)), np.broadcast_to(ramp[:, None], (40, 40)),
+                      np.full((40, 40), 128.0)], axis=2).astype(np.uint8)
+    (tmp_path / "dom" / "c").mkdir(parents=True)
+    Image.fromarray(image).save(tmp_path / "dom" / "c" / "0.png")
+    domain = load_domain(tmp_path / "dom")
+    spec = TransformSpec(resize=40, crop=16, flip=True, resize_mode="square", train_crop="random_resized",
+                         **IDENTITY_NORMALIZE)
+
+    def batch(backend: str) -> torch.Tensor:
+        loader = create_train_loader(domain, batch_size=8, transform=spec, rank=0, world_size=1, seed=2,
+                                     backend=backend, num_threads=1)
+        return next(loader)[0]
+
+    dali, torchvision = batch("dali"), batch("torch")
+    assert dali.shape == torchvision.shape == (8, 3, 16, 16)
+    assert (dali - torchvision).abs().mean() < 0.02
+    assert dali.mean(dim=(2, 3))[:, :2].std(dim=0).min() > 0.02  # the windows differ from image to image

@@ -19,14 +19,15 @@ from nvidia.dali.tensors import TensorListCPU, TensorListGPU
 from tada_dist.data.domain import Domain
 from tada_dist.data.loader import EvalLoader, TrainLoader, torch_device
 from tada_dist.data.sampler import LookaheadSampler, ShardedSampler
-from tada_dist.data.transforms import RandomCrops, TransformSpec
+from tada_dist.data.transforms import TEN_CROP_VIEWS, RandomCrops, TransformSpec
 
 # Batches DALI prepares ahead of the one being consumed: enough to overlap decoding with a training
 # step, few enough to keep memory small.
 _PREFETCH_DEPTH = 2
 
 EncodedBatch = tuple[list[np.ndarray], list[np.ndarray]]
-# Encoded batch plus the crop x, crop y and flip of every image (RandomCrops' arrays).
+# Encoded batch plus where every image is cropped and whether it is mirrored: crop x and crop y
+# ([n] each, "random" crops), or the window's (y, x) start and end ([n, 2] each, "random_resized").
 AugmentedBatch = tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]
 
 
@@ -49,7 +50,7 @@ class DaliTrainLoader(TrainLoader):
         # A fresh pipeline is the only way to drop DALI's prefetched batches.
         self._pipeline = None  # frees the old pipeline's threads and buffers before the new one allocates
         self._pipeline = _build_pipeline(
-            SampledBatchReader(self._domain, self._sampler, flip=self._transform.flip), batch_info=False,
+            SampledBatchReader(self._domain, self._sampler, self._transform), batch_info=False,
             batch_size=self._batch_size, transform=self._transform, train=True, device=self._device,
             num_threads=self._num_threads,
         )
@@ -60,16 +61,20 @@ class SampledBatchReader:
     the lookahead sampler keeps track. It holds no reference to the loader, so that dropping a loader
     frees its pipeline (and the pipeline's threads) at once instead of at the next garbage collection."""
 
-    def __init__(self, domain: Domain, sampler: LookaheadSampler, *, flip: bool):
+    def __init__(self, domain: Domain, sampler: LookaheadSampler, transform: TransformSpec):
         self._domain = domain
         self._sampler = sampler
-        self._flip = flip
+        self._flip = transform.flip
+        self._kind = transform.train_crop
 
     def __call__(self) -> AugmentedBatch:
         indices, key = self._sampler.draw()
         encoded, labels = _encoded_batch(self._domain.files, self._domain.labels, indices)
-        crops = RandomCrops.draw(len(indices), flip=self._flip, key=key)
-        return encoded, labels, crops.x, crops.y, crops.flip  # an [n] array is a batch of n scalars to DALI
+        crops = RandomCrops.draw(len(indices), flip=self._flip, key=key, kind=self._kind)
+        if self._kind == "random":
+            return encoded, labels, crops.x, crops.y, crops.flip  # an [n] array is a batch of n scalars to DALI
+        start = np.stack([crops.y, crops.x], axis=1)  # DALI's ROI coordinates follow the shape order (H, W)
+        return encoded, labels, start, start + np.stack([crops.height, crops.width], axis=1), crops.flip
 
 
 class DaliEvalLoader(EvalLoader):
@@ -112,17 +117,21 @@ def _encoded_batch(files: list[str], labels: list[int], positions: Sequence[int]
 
 def _build_pipeline(source: Callable, *, batch_info: bool, batch_size: int, transform: TransformSpec, train: bool,
                     device: str, num_threads: int) -> Pipeline:
-    """external source (bytes, label[, crop x, crop y, flip]) -> decode RGB -> resize shorter side -> crop
-    (+ flip) -> normalize, CHW. Training crops come from the source, not from DALI's random ops, whose
-    state cannot be saved in a checkpoint."""
+    """external source (bytes, label[, crop placement, flip]) -> decode RGB -> resize -> crop (+ flip)
+    -> normalize, CHW; ten evaluation views stacked as [10, 3, crop, crop] with `transform.ten_crop`.
+    Training crops come from the source, not from DALI's random ops, whose state cannot be saved in a
+    checkpoint. A "random_resized" window is cut from the decoded image and resized to the crop in
+    one step: the square resize before it only rescales, so the window's relative place is the same."""
     on_gpu = device == "gpu"
     pipeline = Pipeline(
         batch_size=batch_size, num_threads=num_threads, device_id=torch.cuda.current_device() if on_gpu else None,
         prefetch_queue_depth=_PREFETCH_DEPTH,
     )
+    normalize = dict(mean=[255.0 * m for m in transform.mean], std=[255.0 * s for s in transform.std],
+                     dtype=types.FLOAT, output_layout="CHW")
     with pipeline:
         if train:
-            encoded, labels, crop_x, crop_y, mirror = fn.external_source(
+            encoded, labels, placement_a, placement_b, mirror = fn.external_source(
                 source=source, num_outputs=5, batch=True, batch_info=batch_info,
                 dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32],
             )
@@ -130,14 +139,27 @@ def _build_pipeline(source: Callable, *, batch_info: bool, batch_size: int, tran
             encoded, labels = fn.external_source(
                 source=source, num_outputs=2, batch=True, batch_info=batch_info, dtype=[types.UINT8, types.INT64],
             )
-            crop_x, crop_y, mirror = 0.5, 0.5, 0
         images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=transform.resize)
-        images = fn.crop_mirror_normalize(
-            images, crop=(transform.crop, transform.crop), crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=mirror,
-            mean=[255.0 * m for m in transform.mean], std=[255.0 * s for s in transform.std],
-            dtype=types.FLOAT, output_layout="CHW",
-        )
+        if train and transform.train_crop == "random_resized":
+            images = fn.resize(images, size=[transform.crop, transform.crop], roi_start=placement_a,
+                               roi_end=placement_b, roi_relative=True)
+            images = fn.crop_mirror_normalize(images, mirror=mirror, **normalize)
+        else:
+            if transform.resize_mode == "square":
+                images = fn.resize(images, size=[transform.resize, transform.resize])
+            else:
+                images = fn.resize(images, resize_shorter=transform.resize)
+            crop = (transform.crop, transform.crop)
+            if train:
+                images = fn.crop_mirror_normalize(images, crop=crop, crop_pos_x=placement_a, crop_pos_y=placement_b,
+                                                  mirror=mirror, **normalize)
+            elif transform.ten_crop:
+                images = fn.stack(*[
+                    fn.crop_mirror_normalize(images, crop=crop, crop_pos_x=x, crop_pos_y=y, mirror=m, **normalize)
+                    for x, y, m in TEN_CROP_VIEWS
+                ])
+            else:
+                images = fn.crop_mirror_normalize(images, crop=crop, crop_pos_x=0.5, crop_pos_y=0.5, **normalize)
         pipeline.set_outputs(images, labels)
     pipeline.build()
     return pipeline

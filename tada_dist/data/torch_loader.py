@@ -16,25 +16,40 @@ from torchvision.transforms.v2 import functional as F
 from tada_dist.data.domain import Domain
 from tada_dist.data.loader import EvalLoader, TrainLoader, torch_device
 from tada_dist.data.sampler import LookaheadSampler, ShardedSampler
-from tada_dist.data.transforms import RandomCrops, TransformSpec
+from tada_dist.data.transforms import TEN_CROP_VIEWS, RandomCrops, TransformSpec
 
 
-# One training image's crop: (crop x, crop y, flip), as in RandomCrops.
-Crop = tuple[float, float, int]
+# One training image's crop: (x, y, width, height, flip), as in RandomCrops.
+Crop = tuple[float, float, float, float, int]
 
 
 def transform_image(image: Image.Image, spec: TransformSpec, crop: Crop | None) -> torch.Tensor:
-    """TransformSpec on a PIL image: `crop` places the training crop; None takes the centre (evaluation)."""
-    pixels = F.resize(F.pil_to_tensor(image.convert("RGB")), [spec.resize], antialias=True)
-    if crop is None:
-        pixels = F.center_crop(pixels, [spec.crop, spec.crop])
-    else:
-        crop_x, crop_y, flip = crop
-        height, width = pixels.shape[-2:]
-        top, left = round(crop_y * (height - spec.crop)), round(crop_x * (width - spec.crop))
-        pixels = F.crop(pixels, top, left, spec.crop, spec.crop)
-        if flip:
-            pixels = F.horizontal_flip(pixels)
+    """TransformSpec on a PIL image: `crop` places the training crop; None is evaluation (the centre
+    crop, or with spec.ten_crop the ten views stacked as [10, 3, crop, crop])."""
+    pixels = F.pil_to_tensor(image.convert("RGB"))
+    if crop is not None and spec.train_crop == "random_resized":
+        x, y, width, height, flip = crop
+        rows, columns = pixels.shape[-2:]
+        pixels = F.resized_crop(pixels, round(y * rows), round(x * columns), max(1, round(height * rows)),
+                                max(1, round(width * columns)), [spec.crop, spec.crop], antialias=True)
+        return _normalize(F.horizontal_flip(pixels) if flip else pixels, spec)
+    size = [spec.resize, spec.resize] if spec.resize_mode == "square" else [spec.resize]
+    pixels = F.resize(pixels, size, antialias=True)
+    if crop is not None:
+        return _normalize(_place_crop(pixels, spec.crop, crop[0], crop[1], crop[4]), spec)
+    if spec.ten_crop:
+        return torch.stack([_normalize(_place_crop(pixels, spec.crop, x, y, m), spec) for x, y, m in TEN_CROP_VIEWS])
+    return _normalize(F.center_crop(pixels, [spec.crop, spec.crop]), spec)
+
+
+def _place_crop(pixels: torch.Tensor, size: int, x: float, y: float, flip: int) -> torch.Tensor:
+    """A size x size crop at fractions (x, y) of the room left around it (DALI's crop_pos_x/y)."""
+    height, width = pixels.shape[-2:]
+    pixels = F.crop(pixels, round(y * (height - size)), round(x * (width - size)), size, size)
+    return F.horizontal_flip(pixels) if flip else pixels
+
+
+def _normalize(pixels: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
     return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(spec.mean), list(spec.std))
 
 
@@ -73,7 +88,7 @@ class TorchTrainLoader(TrainLoader):
         # A new DataLoader iterator drops what the workers prefetched.
         dataset = ImageDataset(self._domain.files, self._domain.labels, self._transform)
         loader = DataLoader(
-            dataset, batch_sampler=SamplerBatches(self._sampler, flip=self._transform.flip),
+            dataset, batch_sampler=SamplerBatches(self._sampler, self._transform),
             num_workers=self._num_workers, pin_memory=self._device.type == "cuda",
         )
         self._batches = iter(loader)
@@ -83,15 +98,17 @@ class SamplerBatches:
     """The DataLoader's batch sampler: endless batches drawn from the loader's lookahead sampler, each
     index paired with its crop, so that workers hold no random state of their own."""
 
-    def __init__(self, sampler: LookaheadSampler, *, flip: bool):
+    def __init__(self, sampler: LookaheadSampler, transform: TransformSpec):
         self._sampler = sampler
-        self._flip = flip
+        self._flip = transform.flip
+        self._kind = transform.train_crop
 
     def __iter__(self) -> Iterator[list[tuple[int, Crop]]]:
         while True:
             indices, key = self._sampler.draw()
-            crops = RandomCrops.draw(len(indices), flip=self._flip, key=key)
-            yield [(i, (float(x), float(y), int(f))) for i, x, y, f in zip(indices, crops.x, crops.y, crops.flip)]
+            c = RandomCrops.draw(len(indices), flip=self._flip, key=key, kind=self._kind)
+            yield [(index, (float(c.x[i]), float(c.y[i]), float(c.width[i]), float(c.height[i]), int(c.flip[i])))
+                   for i, index in enumerate(indices)]
 
 
 class TorchEvalLoader(EvalLoader):
