@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backbone", default="resnet50", help="resnet18/34/50/101 or small_cnn")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32, help="images per domain (DESIGN: 32 + 32)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per domain (the paper's setting: 32 + 32)")
     parser.add_argument("--num-classes", type=int, default=31)
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (at least 1)")

@@ -20,7 +20,14 @@ import yaml
 
 import tada_kernels
 from tada_dist.data.loader import BACKENDS as LOADER_BACKENDS, DEVICES as LOADER_DEVICES
-from tada_dist.model.tada import METHODS
+from tada_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, TRAIN_CROPS
+from tada_dist.model.backbone import BACKBONES
+from tada_dist.model.tada import METHODS, POOLINGS
+
+# Keys that were renamed or split: naming the new keys beats "unknown key" for a config that used to work.
+RENAMED_KEYS = {
+    "model.dropout": "model.discriminator_dropout and model.bottleneck_dropout",
+}
 
 
 class ConfigError(ValueError):
@@ -43,6 +50,15 @@ def _fraction(default: float, doc: str = "") -> Any:
     return field(default=default, metadata={"min": 0.0, "max_exclusive": 1.0, "doc": doc})
 
 
+def _auto_or_positive(doc: str) -> Any:
+    """A number > 0, or "auto" for a value derived from the rest of the config (see resolve)."""
+    return field(default="auto", metadata={"auto": True, "min_exclusive": 0, "doc": doc})
+
+
+def _rgb(default: tuple[float, float, float], doc: str, *, positive: bool = False) -> Any:
+    return field(default_factory=lambda: list(default), metadata={"rgb": True, "positive": positive, "doc": doc})
+
+
 @dataclass
 class DataConfig:
     root: str = field(default="", metadata={"doc": "folder holding the domains; empty: the generated default dataset"})
@@ -52,21 +68,51 @@ class DataConfig:
     device: str = _choice("auto", ("auto", *LOADER_DEVICES), "where DALI decodes; auto: gpu when CUDA is present")
     batch_size: int = _positive(32, "images per domain per process per micro-step")
     eval_batch_size: int = _positive(256, "images per process per evaluation batch")
-    resize: int = _positive(32, "shorter side after resizing")
+    resize: int = _positive(32, "side after resizing (see resize_mode)")
+    resize_mode: str = _choice(
+        "shorter", RESIZE_MODES, "shorter: the shorter side becomes resize; square: both sides do (thuml practice)"
+    )
     crop: int = _positive(28, "square crop fed to the network")
+    train_crop: str = _choice(
+        "random", TRAIN_CROPS,
+        "random: a crop x crop window of the resized image; random_resized: a random area (8-100%) and aspect "
+        "ratio (3/4-4/3) resized to crop, as torchvision's RandomResizedCrop",
+    )
     flip: bool = field(default=False, metadata={"doc": "random horizontal flip in training"})
+    mean: list = _rgb(IMAGENET_MEAN, "per-channel mean subtracted from pixels in [0, 1] (one number or three)")
+    std: list = _rgb(IMAGENET_STD, "per-channel divisor after the mean (one number or three)", positive=True)
+    eval_ten_crop: bool = field(
+        default=False, metadata={"doc": "evaluate on the average prediction of ten crops (corners, centre, mirrored)"}
+    )
     num_threads: int = _non_negative(2, "DALI decoding threads, or torch DataLoader workers (0: main process)")
     skip_corrupt: bool = field(default=False, metadata={"doc": "drop unreadable images with a warning"})
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = _choice("small_cnn", ("small_cnn", "resnet18", "resnet34", "resnet50", "resnet101"))
+    backbone: str = _choice("small_cnn", BACKBONES, "feature extractor; lenet is the textbook digits network")
     pretrained: str | None = field(default=None, metadata={"doc": "torchvision weights name or a local .pth file"})
-    bottleneck_dim: int = _positive(256)
-    region_hidden: int | None = field(default=None, metadata={"doc": "hidden width of the region discriminators"})
+    pooling: str = _choice("avg", POOLINGS, "how the attended map becomes a vector: average, or flatten every region")
+    bottleneck_dim: int = _positive(256, "width of the bottleneck G_b (when bottleneck_layers > 0)")
+    bottleneck_layers: int = _non_negative(
+        1, "Linear (+ BatchNorm) + ReLU layers in the bottleneck; 0: none, the pooled features feed the heads"
+    )
+    bottleneck_batchnorm: bool = field(default=True, metadata={"doc": "BatchNorm after each bottleneck Linear"})
+    bottleneck_dropout: float = _fraction(0.0, "dropout after each bottleneck layer")
+    classifier_hidden: int = _positive(100, "width of the classifier's hidden layers (when classifier_layers > 0)")
+    classifier_layers: int = _non_negative(0, "hidden Linear + ReLU layers of the classifier G_y; 0: one Linear")
+    region_hidden: int | None = field(
+        default=None, metadata={"doc": "hidden width of the region discriminators; null: 1024 (ResNets), 100 (lenet), "
+                                       "64 (small_cnn)"}
+    )
     global_hidden: int = _positive(1024, "hidden width of the global discriminator")
-    dropout: float = _fraction(0.5, "dropout in the discriminators")
+    global_layers: int = _choice(2, (1, 2), "hidden layers of the global discriminator")
+    discriminator_dropout: float = _fraction(0.5, "dropout after each hidden layer of every domain discriminator")
+    attention: str = _choice(
+        "paper", tada_kernels.ATTENTION_FORMS,
+        "local attention w: paper = 1 - H(d) (eq. 3); uncertainty = H(d) / ln 2, most weight where d is unsure",
+    )
+    entropy_unit: str = _choice("nats", tada_kernels.ENTROPY_UNITS, "unit of the domain entropies H(d) of eq. 3 and 6")
     detach_attention: bool = field(default=True, metadata={"doc": "stop gradients through the attention weights"})
 
 
@@ -79,17 +125,19 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = _positive(0.01, "backbone learning rate at step 0")
-    new_layer_mult: float = _positive(10.0, "learning-rate multiplier of the layers trained from scratch")
-    momentum: float = _fraction(0.95)
-    weight_decay: float = _non_negative(5e-4)
-    nesterov: bool = True
+    new_layer_mult: float | str = _auto_or_positive(
+        "learning-rate multiplier of the layers above a pretrained backbone; auto: 10 with model.pretrained, else 1"
+    )
+    momentum: float = _fraction(0.95, "SGD momentum (the paper: 0.95)")
+    weight_decay: float = _non_negative(5e-4, "SGD weight decay (L2), on every parameter")
+    nesterov: bool = field(default=True, metadata={"doc": "Nesterov momentum"})
     grad_clip: float = _non_negative(0.0, "gradient norm clipping; 0 disables it")
 
 
 @dataclass
 class ScheduleConfig:
     lr_gamma: float = _non_negative(10.0, "lr_p = lr * (1 + lr_gamma * p) ** -lr_power")
-    lr_power: float = _non_negative(0.75)
+    lr_power: float = _non_negative(0.75, "see lr_gamma")
     grl_alpha: float = _non_negative(10.0, "GRL coefficient 2 / (1 + exp(-grl_alpha * p)) - 1")
 
 
@@ -107,7 +155,7 @@ class TrainConfig:
 class DistributedConfig:
     backend: str = _choice("auto", ("auto", "gloo", "nccl"), "auto: nccl with CUDA, gloo otherwise")
     zero_stage: int = _choice(0, (0, 1, 2), "DeepSpeed ZeRO stage")
-    precision: str = _choice("fp32", ("fp32", "bf16"))
+    precision: str = _choice("fp32", ("fp32", "bf16"), "training precision (bf16: DeepSpeed's bf16 mode)")
     grad_accum: int = _positive(1, "micro-steps per optimizer step")
 
 
@@ -118,10 +166,10 @@ class KernelsConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = field(default=True, metadata={"doc": "log the run to MLflow (rank 0 only)"})
     uri: str | None = field(default=None, metadata={"doc": "MLflow URI; default sqlite:///<output_dir parent>/mlflow.db"})
-    experiment: str = "tada-dist"
-    run_name: str | None = None
+    experiment: str = field(default="tada-dist", metadata={"doc": "MLflow experiment name"})
+    run_name: str | None = field(default=None, metadata={"doc": "MLflow run name; null: <method>-seed<seed>"})
     system_metrics: bool = field(default=False, metadata={"doc": "log CPU/GPU/memory use through MLflow"})
 
 
@@ -135,7 +183,7 @@ class CheckpointConfig:
 @dataclass
 class Config:
     method: str = _choice("tada", tuple(METHODS), "which terms of eq. 9 are trained")
-    seed: int = _non_negative(0)
+    seed: int = _non_negative(0, "seeds weights, data order, crops and dropout")
     output_dir: str = field(default="", metadata={"doc": "empty: runs/<source>_to_<target>/<method>-seed<seed>"})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -178,14 +226,55 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def key_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, meaning) for every key: the README's config table and `--list-keys`."""
+    rows = []
+    defaults = cls()
+    for item in dataclasses.fields(cls):
+        tp = _field_types(cls)[item.name]
+        if _is_section(tp):
+            rows += key_reference(tp, f"{prefix}{item.name}.")
+            continue
+        doc = item.metadata.get("doc", "")
+        if "choices" in item.metadata:
+            doc = f"{doc}; one of {', '.join(map(str, item.metadata['choices']))}" if doc else \
+                f"one of {', '.join(map(str, item.metadata['choices']))}"
+        rows.append((prefix + item.name, getattr(defaults, item.name), doc))
+    return rows
+
+
 def _unknown_key_error(key: str) -> ConfigError:
+    if key in RENAMED_KEYS:
+        return ConfigError(f"config key '{key}' was replaced by {RENAMED_KEYS[key]}")
     close = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5)
     hint = f" (closest valid keys: {', '.join(close)})" if close else " (see the config reference in README.md)"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+def _coerce_rgb(key: str, value: Any, meta: dict) -> list[float]:
+    """One number for all three channels, or a list of three (`data.mean=0.5`, `data.std=[0.2,0.2,0.2]`)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if len(values) == 1:
+        values = values * 3
+    try:
+        if len(values) != 3 or any(isinstance(v, bool) for v in values):
+            raise ValueError
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' must be one number or a list of three (R, G, B), got {value!r}") from None
+    if meta.get("positive") and min(numbers) <= 0:
+        raise ConfigError(f"config key '{key}' has value {value!r}; expected every value > 0")
+    return numbers
+
+
 def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
     """Convert a YAML value to the field's type and check its allowed range."""
+    if meta.get("rgb"):
+        return _coerce_rgb(key, value, meta)
+    if meta.get("auto"):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        tp = float
     optional = False
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -193,7 +282,7 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
     if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none", "")):
         if optional:
             return None
-        raise ConfigError(f"config key '{key}' must be a {tp.__name__}, got null")
+        raise ConfigError(f"config key '{key}' must be a {getattr(tp, '__name__', tp)}, got null")
     if tp is bool:
         if isinstance(value, bool):
             converted = value
@@ -214,7 +303,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
         try:
             converted = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+            expected = "a number or auto" if meta.get("auto") else "a number"
+            raise ConfigError(f"config key '{key}' must be {expected}, got {value!r}") from None
     else:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
@@ -293,6 +383,21 @@ def build_config(config_file: str | Path | None = None, overrides: list[str] = (
         key, value = parse_override(text)
         _set(config, key, value)
     _check_consistency(config)
+    return resolve(config)
+
+
+def resolve(config: Config) -> Config:
+    """Replace the "auto" values by what they mean for this config; the result is what a run uses,
+    saves as config.yaml and logs to MLflow.
+
+    optim.new_layer_mult: the paper trains "whatever module trained from scratch" at 10x the rate of
+    the pretrained layers below. Without pretrained weights every module is trained from scratch, so
+    one rate serves all (10x on the heads of a random backbone made the digits discriminators diverge).
+    """
+    if config.optim.new_layer_mult == "auto":
+        config = dataclasses.replace(
+            config, optim=dataclasses.replace(config.optim, new_layer_mult=10.0 if config.model.pretrained else 1.0)
+        )
     return config
 
 
@@ -301,10 +406,18 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(
             f"config key 'data.crop' ({config.data.crop}) must not exceed 'data.resize' ({config.data.resize})"
         )
+    if config.data.train_crop == "random_resized" and config.data.resize_mode != "square":
+        raise ConfigError(
+            "config key 'data.train_crop' random_resized draws its window on a square image; "
+            f"set data.resize_mode=square (got {config.data.resize_mode})"
+        )
     if config.data.root and not Path(config.data.root).is_dir():
         raise ConfigError(f"config key 'data.root' points to a missing folder: {config.data.root}")
-    if config.model.backbone == "small_cnn" and config.data.crop != 28:
-        raise ConfigError(f"model.backbone=small_cnn expects data.crop=28 (a 7x7 map), got {config.data.crop}")
+    if config.model.backbone in ("small_cnn", "lenet") and config.data.crop != 28:
+        size = "a 7x7 map" if config.model.backbone == "small_cnn" else "a 4x4 map"
+        raise ConfigError(
+            f"model.backbone={config.model.backbone} expects data.crop=28 ({size}), got {config.data.crop}"
+        )
 
 
 def to_dict(config: Config) -> dict:
@@ -316,7 +429,7 @@ def from_dict(values: dict) -> Config:
     for key, value in values.items():
         _set(config, key, value)
     _check_consistency(config)
-    return config
+    return resolve(config)
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
@@ -331,7 +444,7 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None))
 
 
 def load_saved_config(path: str | Path) -> Config:

@@ -36,6 +36,17 @@ class Accuracy:
 
 
 @torch.no_grad()
+def predict_classes(model, images: torch.Tensor) -> torch.Tensor:
+    """Predicted class per image. images [b, 3, S, S], or [b, V, 3, S, S] for V views of each image
+    (ten-crop), whose softmax probabilities are averaged before the argmax."""
+    if images.dim() == 4:
+        return model.predict(images).argmax(dim=1)
+    batch, views = images.shape[:2]
+    probabilities = model.predict(images.flatten(0, 1)).float().softmax(dim=1)
+    return probabilities.view(batch, views, -1).mean(dim=1).argmax(dim=1)
+
+
+@torch.no_grad()
 def evaluate_accuracy(model, loader, num_classes: int, *, device: torch.device, dtype: torch.dtype) -> Accuracy:
     """Per-class correct/total over this rank's share of `loader`, summed over all ranks."""
     was_training = model.training
@@ -43,7 +54,7 @@ def evaluate_accuracy(model, loader, num_classes: int, *, device: torch.device, 
     correct = torch.zeros(num_classes, dtype=torch.int64)
     total = torch.zeros(num_classes, dtype=torch.int64)
     for images, labels in loader:
-        predictions = model.predict(images.to(device, dtype=dtype)).argmax(dim=1).cpu()
+        predictions = predict_classes(model, images.to(device, dtype=dtype)).cpu()
         labels = labels.cpu()
         total += torch.bincount(labels, minlength=num_classes)
         correct += torch.bincount(labels[predictions == labels], minlength=num_classes)
@@ -65,14 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a training output directory (holding config.yaml)")
     parser.add_argument("--domain", help="an ImageFolder directory or image-list file (default: the run's target)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's)")
+    parser.add_argument("--ten-crop", action=argparse.BooleanOptionalAction, default=None,
+                        help="average the predictions of ten crops per image (default: the run's data.eval_ten_crop)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
 
     from tada_dist import checkpoint
     from tada_dist.config import ConfigError, load_saved_config
-    from tada_dist.data import DataError, TransformSpec, create_eval_loader, load_domain
+    from tada_dist.data import DataError, create_eval_loader, load_domain
     from tada_dist.distributed import init_distributed
-    from tada_dist.trainer import loader_device, model_from_config, resolve_domains
+    from tada_dist.trainer import loader_device, model_from_config, resolve_domains, transform_from_config
 
     output_dir = Path(args.checkpoint)
     config_file = output_dir / "config.yaml"
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     data = config.data
     loader = create_eval_loader(
         domain, batch_size=args.batch_size or data.eval_batch_size,
-        transform=TransformSpec(resize=data.resize, crop=data.crop, flip=False),
+        transform=transform_from_config(config, ten_crop=args.ten_crop),
         rank=dist_info.rank, world_size=dist_info.world_size, backend=data.loader, device=loader_device(config, dist_info),
         num_threads=data.num_threads,
     )

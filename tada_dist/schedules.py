@@ -1,9 +1,9 @@
 """Progressive training schedules of DANN (Ganin & Lempitsky 2015), which the paper adopts.
 
-Both are functions of training progress p = step / total_steps (DESIGN.md "Numerics and defaults"):
+Both are functions of training progress p = step / total_steps:
 
 - learning rate: lr_p = lr_0 * (1 + gamma * p) ** -power, gamma = 10, power = 0.75;
-- adaptation: DESIGN writes lambda_p = lambda * (2 / (1 + exp(-10 p)) - 1). We split it in two
+- adaptation: the paper's lambda_p = lambda * (2 / (1 + exp(-10 p)) - 1). We split it in two
   so lambda is counted once: the loss weight lambda multiplies L_g + L_l in the total loss
   (tada_dist.losses.tada_objective), and the gradient reversal coefficient is grl_schedule(p)
   alone. The discriminators then minimise lambda * (L_g + L_l) and the feature extractor receives

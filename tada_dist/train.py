@@ -48,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from tada_dist.data import DataError
+    from tada_dist.model import ModelError
     from tada_dist.trainer import NonFiniteLossError, Trainer, report
 
     try:
         trainer = Trainer(config)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
         print(f"tada-train: error: {err}", file=sys.stderr)
         return 2
     try:

@@ -92,18 +92,38 @@ def resolve_domains(config: Config, dist_info: DistInfo) -> tuple[Domain, Domain
 
 def model_from_config(config: Config, num_classes: int, *, load_pretrained: bool = True) -> torch.nn.Module:
     """The TADA model a config describes; evaluation skips the pretrained weights it overwrites anyway."""
+    model = config.model
     return create_model(
         method=config.method,
-        backbone=config.model.backbone,
+        backbone=model.backbone,
         num_classes=num_classes,
         image_size=config.data.crop,
-        pretrained=config.model.pretrained if load_pretrained else None,
-        bottleneck_dim=config.model.bottleneck_dim,
-        region_hidden=config.model.region_hidden,
-        global_hidden=config.model.global_hidden,
-        dropout=config.model.dropout,
-        detach_attention=config.model.detach_attention,
+        pretrained=model.pretrained if load_pretrained else None,
+        pooling=model.pooling,
+        bottleneck_dim=model.bottleneck_dim,
+        bottleneck_layers=model.bottleneck_layers,
+        bottleneck_batchnorm=model.bottleneck_batchnorm,
+        bottleneck_dropout=model.bottleneck_dropout,
+        classifier_hidden=model.classifier_hidden,
+        classifier_layers=model.classifier_layers,
+        region_hidden=model.region_hidden,
+        global_hidden=model.global_hidden,
+        global_layers=model.global_layers,
+        discriminator_dropout=model.discriminator_dropout,
+        attention=model.attention,
+        entropy_unit=model.entropy_unit,
+        detach_attention=model.detach_attention,
         kernels_backend=config.kernels.backend,
+    )
+
+
+def transform_from_config(config: Config, *, ten_crop: bool | None = None) -> TransformSpec:
+    """The image transform of `config.data`; ten_crop (evaluation only) defaults to data.eval_ten_crop."""
+    data = config.data
+    return TransformSpec(
+        resize=data.resize, crop=data.crop, flip=data.flip, mean=tuple(data.mean), std=tuple(data.std),
+        resize_mode=data.resize_mode, train_crop=data.train_crop,
+        ten_crop=data.eval_ten_crop if ten_crop is None else ten_crop,
     )
 
 
@@ -230,7 +250,7 @@ class Trainer:
     def _build_loaders(self) -> None:
         data = self.config.data
         device = loader_device(self.config, self.dist)
-        train_transform = TransformSpec(resize=data.resize, crop=data.crop, flip=data.flip)
+        train_transform = transform_from_config(self.config, ten_crop=False)
         common = dict(rank=self.dist.rank, world_size=self.dist.world_size, backend=data.loader, device=device,
                       num_threads=data.num_threads)
         self.source_loader = create_train_loader(
@@ -240,7 +260,7 @@ class Trainer:
             self.target, batch_size=data.batch_size, transform=train_transform, seed=self.config.seed + 1, **common
         )
         self.eval_loader = create_eval_loader(
-            self.target, batch_size=data.eval_batch_size, transform=train_transform, **common
+            self.target, batch_size=data.eval_batch_size, transform=transform_from_config(self.config), **common
         )
 
     def _start_tracking(self, resumed: dict | None) -> None:
@@ -288,7 +308,8 @@ class Trainer:
             outputs = self.engine(self._to_device(source_images), target_images)
             loss, terms = tada_objective(
                 outputs, source_labels.to(self.dist.device), self.loss_weights, method=config.method,
-                detach_attention=config.model.detach_attention, backend=config.kernels.backend,
+                detach_attention=config.model.detach_attention, entropy_unit=config.model.entropy_unit,
+                backend=config.kernels.backend,
             )
             # One all-reduce answers both questions every rank must answer alike: skip? stop?
             nonfinite, stop = any_rank([not bool(torch.isfinite(loss)), self.stop.requested], self.dist.device)

@@ -71,7 +71,15 @@ def test_unknown_key_in_yaml(tmp_path):
         ("train.steps=abc", "'train.steps' must be an integer, got 'abc'"),
         ("data.flip=maybe", "'data.flip' must be true or false"),
         ("distributed.zero_stage=3", "allowed: 0, 1, 2"),
-        ("model.dropout=1.0", "expected < 1.0"),
+        ("model.discriminator_dropout=1.0", "expected < 1.0"),
+        ("model.dropout=0.5", "'model.dropout' was replaced by model.discriminator_dropout and model.bottleneck_dropout"),
+        ("optim.new_layer_mult=fast", "'optim.new_layer_mult' must be a number or auto, got 'fast'"),
+        ("optim.new_layer_mult=0", "'optim.new_layer_mult' has value 0; expected > 0"),
+        ("data.mean=[0.5,0.5]", "'data.mean' must be one number or a list of three (R, G, B), got [0.5, 0.5]"),
+        ("data.std=[0.5,0,0.5]", "'data.std' has value [0.5, 0, 0.5]; expected every value > 0"),
+        ("model.attention=inverse", "allowed: paper, uncertainty"),
+        ("model.backbone=lenet", "model.backbone=lenet expects data.crop=28 (a 4x4 map), got 24"),
+        ("data.train_crop=random_resized", "set data.resize_mode=square (got shorter)"),
         ("kernels.backend=cuda", "allowed: auto, eager, triton"),
         ("data=3", "is a section"),
         ("optim.lr", "not of the form key=value"),
@@ -79,7 +87,7 @@ def test_unknown_key_in_yaml(tmp_path):
 )
 def test_bad_values_are_one_line_errors(override, fragment):
     with pytest.raises(ConfigError) as err:
-        build_config(None, [override])
+        build_config(None, [override, *(["data.crop=24"] if override.startswith("model.backbone") else [])])
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -101,6 +109,20 @@ def test_missing_data_root_is_reported(tmp_path):
 def test_crop_larger_than_resize_is_rejected():
     with pytest.raises(ConfigError, match="data.crop"):
         build_config(None, ["data.resize=24"])
+
+
+def test_new_layer_mult_auto_is_ten_only_above_a_pretrained_backbone():
+    assert Config().optim.new_layer_mult == "auto"
+    assert build_config(None, []).optim.new_layer_mult == 1.0
+    pretrained = build_config(None, ["model.backbone=resnet18", "data.resize=64", "data.crop=64",
+                                     "model.pretrained=IMAGENET1K_V1"])
+    assert pretrained.optim.new_layer_mult == 10.0
+    assert build_config(None, ["optim.new_layer_mult=3"]).optim.new_layer_mult == 3.0
+
+
+def test_normalisation_takes_one_number_or_three():
+    config = build_config(None, ["data.mean=0.5", "data.std=[0.25, 0.5, 1]"])
+    assert config.data.mean == [0.5, 0.5, 0.5] and config.data.std == [0.25, 0.5, 1.0]
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -112,3 +112,39 @@ def test_zero1_bf16_with_accumulation_trains_and_resumes(tiny_data, tmp_path):
     # The LR schedule advanced once per optimizer step, not per micro-step: lr_3 = lr_0 (1 + 10 p)^-0.75.
     [(step, lr)] = [(s, v) for s, v in metric_history(db, metrics["mlflow_run_id"], "lr") if s == 3]
     assert lr == pytest.approx(0.01 * (1 + 10 * 3 / 3) ** -0.75, rel=1e-6)
+
+
+def test_thuml_transforms_and_ten_crop_evaluation(tiny_data, tmp_path):
+    """Square resize + RandomResizedCrop in training, ten-crop evaluation during training and in tada-eval."""
+    run_dir = tmp_path / "run"
+    overrides = train_overrides(tiny_data, run_dir, tmp_path / "unused.db", steps=2) + [
+        "tracking.enabled=false", "data.resize_mode=square", "data.train_crop=random_resized", "data.flip=true",
+        "data.eval_ten_crop=true",
+    ]
+    run([sys.executable, "-m", "tada_dist.train", *overrides], tmp_path)
+    trained = json.loads((run_dir / "metrics.json").read_text())
+
+    def evaluate(*flags: str) -> dict:
+        result = run([sys.executable, "-m", "tada_dist.evaluate", "--checkpoint", str(run_dir), "--json", *flags],
+                     tmp_path)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    ten_crop, centre = evaluate(), evaluate("--no-ten-crop")
+    assert ten_crop["images"] == centre["images"] == 6 * 9  # ten views of an image count as one image
+    assert ten_crop["accuracy"] == pytest.approx(trained["target_acc"], abs=1e-6)
+    assert evaluate("--ten-crop")["accuracy"] == ten_crop["accuracy"]
+
+
+def test_unreachable_pretrained_weights_stop_before_training_with_one_line(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = train_overrides(tiny_data, run_dir, tmp_path / "m.db", steps=2) + [
+        "model.backbone=resnet18", "model.pretrained=IMAGENET1K_V1", "data.resize=32", "data.crop=32",
+    ]
+    # A proxy that refuses every connection makes the download fail at once, network or not.
+    env = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "TORCH_HOME": str(tmp_path / "th")}
+    result = run([sys.executable, "-m", "tada_dist.train", *overrides], tmp_path, expect=2, **env)
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("tada-train: error:")]
+    assert len(error_lines) == 1, result.stderr[-2000:]
+    assert "could not download torchvision weights 'IMAGENET1K_V1' for resnet18" in error_lines[0]
+    assert "model.pretrained=/path/to/resnet18-f37072fd.pth" in error_lines[0]
+    assert not run_dir.exists() and not (tmp_path / "m.db").exists()
