@@ -1,31 +1,33 @@
 """tada_kernels: the TADA-specific ops (region discriminators, entropy attention, attentive entropy).
 
-Each op lives in its own module with one public function, its fused Triton kernels with their
+Each op lives in its own module under ops/ with one public function, its fused Triton kernels with their
 launchers and torch.autograd.Function, and the eager PyTorch reference; `backend=` picks the
 implementation (see backend.py). Every op accumulates in fp32 and is differentiable.
+
+The ops are imported on first use, so that `tada_kernels.options` (the accepted choices) costs no
+torch or triton import: a command that only validates a config answers at once.
 """
 
-from .attentive_entropy import attentive_entropy
-from .backend import BACKENDS, resolve_backend
-from .entropy_attention import (
-    ATTENTION_FORMS,
-    ENTROPY_UNITS,
-    attention_coefficients,
-    binary_entropy_with_logits,
-    entropy_attention,
-    entropy_scale,
-)
-from .grouped_mlp import grouped_mlp
+import importlib
 
-__all__ = [
-    "ATTENTION_FORMS",
-    "BACKENDS",
-    "ENTROPY_UNITS",
-    "attention_coefficients",
-    "attentive_entropy",
-    "binary_entropy_with_logits",
-    "entropy_attention",
-    "entropy_scale",
-    "grouped_mlp",
-    "resolve_backend",
-]
+from .options import ATTENTION_FORMS, BACKENDS, ENTROPY_UNITS
+
+_LAZY = {
+    "attentive_entropy": ".ops.attentive_entropy",
+    "attention_coefficients": ".ops.entropy_attention",
+    "binary_entropy_with_logits": ".ops.entropy_attention",
+    "entropy_attention": ".ops.entropy_attention",
+    "entropy_scale": ".ops.entropy_attention",
+    "grouped_mlp": ".ops.grouped_mlp",
+    "resolve_backend": ".backend",
+}
+
+__all__ = ["ATTENTION_FORMS", "BACKENDS", "ENTROPY_UNITS", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tada_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

@@ -15,7 +15,7 @@ import os
 import torch
 import triton.language as tl
 
-BACKENDS = ("auto", "eager", "triton")
+from .options import BACKENDS
 
 
 def interpreting() -> bool:

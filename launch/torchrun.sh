@@ -20,10 +20,13 @@
 #   PYTHON          interpreter (default: the project's .venv, else python3 on PATH)
 #
 # With NNODES=1 and neither RDZV_ENDPOINT nor MASTER_ADDR set, the node runs standalone.
+# A mistake that no restart can fix (config, data, a checkpoint of another run) stops the job at once
+# with exit 2 instead of being restarted MAX_RESTARTS times. SIGTERM and the first Ctrl-C make every
+# worker finish its step and save a checkpoint; a second Ctrl-C kills the job at once.
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
     exit $(( $# < 1 ? 2 : 0 ))
 fi
 config=$1
@@ -66,8 +69,38 @@ else
     exit 2
 fi
 
+# Workers write a final error here and exit 0 instead of failing, so that torchrun does not restart them.
+error_file=$(mktemp "${TMPDIR:-/tmp}/tada-dist-error.XXXXXX")
+trap 'rm -f "$error_file"' EXIT
+export TADA_DIST_ERROR_FILE=$error_file
+
+# torchrun runs in a session of its own, so that Ctrl-C reaches only this script: it asks for a
+# graceful stop (SIGTERM, which torchrun passes to every worker) and, the second time, kills the job.
 set -x
-exec "$python" -m torch.distributed.run \
+setsid "$python" -m torch.distributed.run \
     "--nnodes=$nnodes" "--nproc_per_node=$nproc" "${rendezvous[@]}" \
     "--max_restarts=${MAX_RESTARTS:-3}" ${LOCAL_ADDR:+"--local_addr=$LOCAL_ADDR"} \
-    -m tada_dist.train --config "$config" "$@"
+    -m tada_dist.train --config "$config" "$@" &
+{ set +x; } 2>/dev/null
+job=$!
+interrupts=0
+on_interrupt() {
+    interrupts=$((interrupts + 1))
+    if (( interrupts == 1 )); then
+        echo "launch/torchrun.sh: stopping: every worker finishes its step and saves (Ctrl-C again to kill)" >&2
+        kill -TERM "$job" 2>/dev/null || true
+    else
+        kill -KILL -- "-$job" 2>/dev/null || true
+    fi
+}
+trap on_interrupt INT
+trap 'kill -TERM "$job" 2>/dev/null || true' TERM
+# `wait` returns early when a trapped signal arrives; wait again until torchrun has really ended.
+while true; do
+    wait "$job" && status=0 || status=$?
+    kill -0 "$job" 2>/dev/null || break
+done
+if [[ -s "$error_file" ]]; then
+    exit 2  # the workers already printed the error
+fi
+exit "$status"

@@ -13,26 +13,31 @@ points `latest` at it. A process killed at any moment therefore leaves either th
 checkpoint or the new one, never half of one. On load, a checkpoint whose files no longer match its
 manifest is skipped with a warning for the newest older one that does.
 
+The manifest also records the run the checkpoint belongs to (world size, method, the data and model
+settings), so that a resume which cannot work is refused before anything is loaded (see
+tada_dist.preflight).
+
 The checkpoint folder must be visible to every rank (a shared file system on several nodes), as
-DeepSpeed's own resume requires.
+DeepSpeed's own resume requires. torch is imported only by the functions that save and load, so the
+checks that read manifests run without it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    from tada_dist.distributed import DistInfo
 
-from tada_dist.distributed import DistInfo, barrier, broadcast_object
+log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 LATEST_FILE = "latest"  # DeepSpeed's name, so its own tools (zero_to_fp32.py) find our checkpoints
@@ -59,6 +64,9 @@ def _rng_file(tag_dir: Path, rank: int) -> Path:
 
 
 def capture_rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -66,6 +74,9 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -77,10 +88,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any], dist_info: DistInfo,
-         *, keep: int = 0) -> Path:
+         *, keep: int = 0, run: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it at the same step. Returns the complete checkpoint's folder.
 
-    keep > 0 removes all but the newest `keep` complete checkpoints afterwards."""
+    keep > 0 removes all but the newest `keep` complete checkpoints afterwards. `run` describes the
+    run (see preflight.run_record) and goes into the manifest."""
+    import torch
+
+    from tada_dist.distributed import barrier
+
     ckpt_dir = checkpoint_dir(output_dir)
     tag = step_tag(step)
     partial = PARTIAL_PREFIX + tag
@@ -95,7 +111,7 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any]
 
     final = ckpt_dir / tag
     if dist_info.is_main:
-        _write_manifest(ckpt_dir / partial, step)
+        _write_manifest(ckpt_dir / partial, step, run or {})
         if final.exists():  # the same step saved again (a resumed run's last step): replace it
             shutil.rmtree(final)
         os.replace(ckpt_dir / partial, final)
@@ -121,12 +137,19 @@ def _remove_partial_saves(ckpt_dir: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _write_manifest(tag_dir: Path, step: int) -> None:
+def _write_manifest(tag_dir: Path, step: int, run: dict[str, Any]) -> None:
     files = {
         str(path.relative_to(tag_dir)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
         for path in sorted(tag_dir.rglob("*")) if path.is_file()
     }
-    _write_atomically(tag_dir / MANIFEST_FILE, json.dumps({"step": step, "files": files}, indent=1))
+    _write_atomically(tag_dir / MANIFEST_FILE, json.dumps({"step": step, "run": run, "files": files}, indent=1))
+
+
+def read_manifest(tag_dir: Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint: {"step", "run", "files"} ("run" is {} in older ones)."""
+    manifest = json.loads((tag_dir / MANIFEST_FILE).read_text())
+    manifest.setdefault("run", {})
+    return manifest
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -210,8 +233,7 @@ def find_resumable(output_dir: str | Path) -> Path | None:
         problem = verify(ckpt_dir / tag)
         if problem is None:
             return ckpt_dir / tag
-        warnings.warn(f"checkpoint {ckpt_dir / tag} is unusable: {problem}; trying the previous one",
-                      stacklevel=2)
+        log.warning("checkpoint %s is unusable: %s; trying the previous one", ckpt_dir / tag, problem)
     return None
 
 
@@ -222,6 +244,10 @@ def load_latest(engine, output_dir: str | Path, dist_info: DistInfo) -> dict[str
     """Restore engine and RNG state from the newest usable checkpoint; None when there is none.
 
     Rank 0 picks and verifies it and tells the others, so every rank loads the same one."""
+    import torch
+
+    from tada_dist.distributed import broadcast_object
+
     chosen = find_resumable(output_dir) if dist_info.is_main else None
     chosen = broadcast_object(None if chosen is None else chosen.name)
     if chosen is None:
@@ -236,8 +262,10 @@ def load_latest(engine, output_dir: str | Path, dist_info: DistInfo) -> dict[str
     return client_state
 
 
-def load_module_weights(output_dir: str | Path) -> tuple[dict[str, torch.Tensor], int]:
+def load_module_weights(output_dir: str | Path) -> tuple[dict[str, Any], int]:
     """The model weights of the newest usable checkpoint (for evaluation, without a DeepSpeed engine)."""
+    import torch
+
     tag_dir = find_resumable(output_dir)
     if tag_dir is None:
         raise FileNotFoundError(
@@ -246,3 +274,54 @@ def load_module_weights(output_dir: str | Path) -> tuple[dict[str, torch.Tensor]
     states = torch.load(tag_dir / MODEL_STATES_FILE, map_location="cpu", weights_only=False)
     weights = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in states["module"].items()}
     return weights, int(states.get("step", 0))
+
+
+# -- the trainer's checkpointing --------------------------------------------------------------------
+
+
+class Checkpointer:
+    """When and how the trainer saves: every `every` steps and at the last step (and whenever the trainer
+    must stop), never twice for one step, and never weights that hold NaN/inf (the newest checkpoint
+    then stays the last good one)."""
+
+    def __init__(self, output_dir: str | Path, *, every: int, keep: int, total_steps: int, dist_info: DistInfo,
+                 run: dict[str, Any]):
+        self.output_dir = Path(output_dir)
+        self.every = every
+        self.keep = keep
+        self.total_steps = total_steps
+        self.dist_info = dist_info
+        self.run = run
+        self.saved_step: int | None = None
+
+    def due(self, step: int) -> bool:
+        return (self.every > 0 and step % self.every == 0) or step == self.total_steps
+
+    def resume(self, engine) -> dict[str, Any] | None:
+        """Load the newest usable checkpoint into `engine`; its client state, or None without one."""
+        state = load_latest(engine, self.output_dir, self.dist_info)
+        if state is not None:
+            self.saved_step = int(state["step"])
+        return state
+
+    def save(self, engine, model, step: int, client_state: dict[str, Any]) -> bool:
+        """Collective. Whether a checkpoint of `step` exists afterwards."""
+        import torch
+
+        from tada_dist.distributed import any_rank, average_batchnorm_statistics
+
+        if self.saved_step == step:
+            return True
+        weights_finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+        if any_rank([not bool(weights_finite)], self.dist_info.device)[0]:
+            log.warning("step %d: not saving a checkpoint: the weights hold NaN/inf", step)
+            return False
+        average_batchnorm_statistics(model)
+        save(engine, self.output_dir, step, client_state, self.dist_info, keep=self.keep, run=self.run)
+        self.saved_step = step
+        return True
+
+    def last_good(self) -> Path | None:
+        """The checkpoint `latest` points at, if any."""
+        tag = read_latest(checkpoint_dir(self.output_dir))
+        return checkpoint_dir(self.output_dir) / tag if tag else None

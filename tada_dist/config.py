@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,11 +19,11 @@ from typing import Any
 
 import yaml
 
-import tada_kernels
-from tada_dist.data.loader import BACKENDS as LOADER_BACKENDS, DEVICES as LOADER_DEVICES
-from tada_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, TRAIN_CROPS
-from tada_dist.model.backbone import BACKBONES
-from tada_dist.model.tada import METHODS, POOLINGS
+from tada_dist.data.options import DEVICES as LOADER_DEVICES
+from tada_dist.data.options import IMAGENET_MEAN, IMAGENET_STD, LOADER_BACKENDS, RESIZE_MODES, TRAIN_CROPS
+from tada_dist.model.options import BACKBONES, METHODS, POOLINGS
+from tada_dist.paths import default_data_root, default_output_dir, is_generated_data_root
+from tada_kernels.options import ATTENTION_FORMS, BACKENDS as KERNEL_BACKENDS, ENTROPY_UNITS
 
 # Keys that were renamed or split: naming the new keys beats "unknown key" for a config that used to work.
 RENAMED_KEYS = {
@@ -61,7 +62,10 @@ def _rgb(default: tuple[float, float, float], doc: str, *, positive: bool = Fals
 
 @dataclass
 class DataConfig:
-    root: str = field(default="", metadata={"doc": "folder holding the domains; empty: the generated default dataset"})
+    root: str = field(
+        default="", metadata={"doc": "folder holding the domains; empty: the generated default dataset "
+                                     "($TADA_DIST_CACHE, else ~/.cache/tada-dist/synthetic)"}
+    )
     source: str = field(default="source", metadata={"doc": "source domain: a folder or image-list file under root"})
     target: str = field(default="target", metadata={"doc": "target domain: a folder or image-list file under root"})
     loader: str = _choice("dali", LOADER_BACKENDS, "DALI pipelines, or the torchvision fallback")
@@ -109,10 +113,10 @@ class ModelConfig:
     global_layers: int = _choice(2, (1, 2), "hidden layers of the global discriminator")
     discriminator_dropout: float = _fraction(0.5, "dropout after each hidden layer of every domain discriminator")
     attention: str = _choice(
-        "paper", tada_kernels.ATTENTION_FORMS,
+        "paper", ATTENTION_FORMS,
         "local attention w: paper = 1 - H(d) (eq. 3); uncertainty = H(d) / ln 2, most weight where d is unsure",
     )
-    entropy_unit: str = _choice("nats", tada_kernels.ENTROPY_UNITS, "unit of the domain entropies H(d) of eq. 3 and 6")
+    entropy_unit: str = _choice("nats", ENTROPY_UNITS, "unit of the domain entropies H(d) of eq. 3 and 6")
     detach_attention: bool = field(default=True, metadata={"doc": "stop gradients through the attention weights"})
 
 
@@ -161,7 +165,7 @@ class DistributedConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: str = _choice("auto", tada_kernels.BACKENDS, "tada_kernels backend")
+    backend: str = _choice("auto", KERNEL_BACKENDS, "tada_kernels backend")
 
 
 @dataclass
@@ -184,7 +188,9 @@ class CheckpointConfig:
 class Config:
     method: str = _choice("tada", tuple(METHODS), "which terms of eq. 9 are trained")
     seed: int = _non_negative(0, "seeds weights, data order, crops and dropout")
-    output_dir: str = field(default="", metadata={"doc": "empty: runs/<source>_to_<target>/<method>-seed<seed>"})
+    output_dir: str = field(
+        default="", metadata={"doc": "empty: runs/<source>_to_<target>/<method>-seed<seed>, plus -<N>proc for N processes"}
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -195,12 +201,6 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-
-    def resolved_output_dir(self) -> Path:
-        if self.output_dir:
-            return Path(self.output_dir)
-        pair = f"{Path(self.data.source).stem}_to_{Path(self.data.target).stem}"
-        return Path("runs") / pair / f"{self.method}-seed{self.seed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,8 +373,10 @@ def load_yaml(path: str | Path) -> dict:
     return content
 
 
-def build_config(config_file: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file, then `key=value` overrides; everything validated."""
+def build_config(config_file: str | Path | None = None, overrides: list[str] = (), *,
+                 world_size: int | None = None) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides; everything validated and resolved
+    (see resolve) for a run of `world_size` processes (default: $WORLD_SIZE, else 1)."""
     config = Config()
     if config_file is not None:
         for key, value in load_yaml(config_file).items():
@@ -383,21 +385,30 @@ def build_config(config_file: str | Path | None = None, overrides: list[str] = (
         key, value = parse_override(text)
         _set(config, key, value)
     _check_consistency(config)
-    return resolve(config)
+    return resolve(config, world_size)
 
 
-def resolve(config: Config) -> Config:
-    """Replace the "auto" values by what they mean for this config; the result is what a run uses,
-    saves as config.yaml and logs to MLflow.
+def resolve(config: Config, world_size: int | None = None) -> Config:
+    """Replace "auto" and empty values by what they mean for this config, so that the result is what a
+    run really uses; it is what `--print-config` shows, config.yaml keeps and MLflow logs.
 
-    optim.new_layer_mult: the paper trains "whatever module trained from scratch" at 10x the rate of
-    the pretrained layers below. Without pretrained weights every module is trained from scratch, so
-    one rate serves all (10x on the heads of a random backbone made the digits discriminators diverge).
+    - optim.new_layer_mult: the paper trains "whatever module trained from scratch" at 10x the rate
+      of the pretrained layers below. Without pretrained weights every module is trained from
+      scratch, so one rate serves all (10x on the heads of a random backbone made the digits
+      discriminators diverge).
+    - data.root: an absolute path; empty is the generated dataset's folder.
+    - output_dir: an absolute path; empty is runs/<source>_to_<target>/<method>-seed<seed>[-<N>proc].
     """
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data), optim=dataclasses.replace(config.optim))
     if config.optim.new_layer_mult == "auto":
-        config = dataclasses.replace(
-            config, optim=dataclasses.replace(config.optim, new_layer_mult=10.0 if config.model.pretrained else 1.0)
-        )
+        config.optim.new_layer_mult = 10.0 if config.model.pretrained else 1.0
+    config.data.root = os.path.abspath(config.data.root) if config.data.root else str(default_data_root())
+    output_dir = config.output_dir or default_output_dir(
+        config.data.source, config.data.target, config.method, config.seed, world_size
+    )
+    config.output_dir = os.path.abspath(output_dir)
     return config
 
 
@@ -411,7 +422,7 @@ def _check_consistency(config: Config) -> None:
             "config key 'data.train_crop' random_resized draws its window on a square image; "
             f"set data.resize_mode=square (got {config.data.resize_mode})"
         )
-    if config.data.root and not Path(config.data.root).is_dir():
+    if config.data.root and not Path(config.data.root).is_dir() and not is_generated_data_root(config.data.root):
         raise ConfigError(f"config key 'data.root' points to a missing folder: {config.data.root}")
     if config.model.backbone in ("small_cnn", "lenet") and config.data.crop != 28:
         size = "a 7x7 map" if config.model.backbone == "small_cnn" else "a 4x4 map"
@@ -429,7 +440,7 @@ def from_dict(values: dict) -> Config:
     for key, value in values.items():
         _set(config, key, value)
     _check_consistency(config)
-    return resolve(config)
+    return resolve(config, world_size=1)
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:

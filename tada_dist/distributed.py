@@ -6,8 +6,12 @@ single-process run sets them itself, because DeepSpeed otherwise falls back to M
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +46,40 @@ def ensure_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+VERBOSE_ENV = "TADA_DIST_VERBOSE"  # "1": let DeepSpeed print its start-up messages (tada-train --verbose)
+
+
+@contextlib.contextmanager
+def deepspeed_output() -> Iterator[None]:
+    """Keep DeepSpeed's start-up chatter off stdout, where only results belong (tada-eval --json).
+
+    DeepSpeed logs accelerator detection and its config to stdout, and its op builders print. Its log
+    handler writes to the stdout of the moment it is imported, so the import happens here with stdout
+    pointing at stderr; unless TADA_DIST_VERBOSE=1, a filter (set before the import, which already
+    logs) lets only its errors through, and prints inside this block are dropped."""
+    verbose = os.environ.get(VERBOSE_ENV) == "1"
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not verbose and _errors_only not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(_errors_only)
+    target = sys.stderr if verbose else open(os.devnull, "w")
+    try:
+        with contextlib.redirect_stdout(target):
+            with contextlib.redirect_stdout(sys.stderr):
+                import deepspeed  # noqa: F401  (its handler now writes to stderr)
+            yield
+    finally:
+        if target is not sys.stderr:
+            target.close()
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def init_distributed(backend: str = "auto") -> DistInfo:
     """Join (or create) the process group through DeepSpeed: nccl on GPUs, gloo on CPUs."""
-    import deepspeed  # imported here: it is slow to import and prints accelerator detection
+    with deepspeed_output():
+        import deepspeed  # imported here: it is slow to import
 
     ensure_process_env()
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -59,7 +94,8 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         raise RuntimeError("distributed.backend=nccl needs CUDA devices; use gloo (or auto) on CPU machines")
     if not dist.is_initialized():
         _init_process_group(backend)
-        deepspeed.init_distributed(dist_backend=backend)  # adopts the group
+        with deepspeed_output():
+            deepspeed.init_distributed(dist_backend=backend)  # adopts the group
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
 
 

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tada_dist.distributed import all_reduce_sum
+from tada_dist.cli import fail, setup_logging
+from tada_dist.distributed import all_reduce_sum, average_batchnorm_statistics
+
+PROG = "tada-eval"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,29 @@ def evaluate_accuracy(model, loader, num_classes: int, *, device: torch.device, 
     return Accuracy(correct=counts[0].tolist(), total=counts[1].tolist())
 
 
+class Evaluator:
+    """When and how the trainer measures target accuracy: every `every` steps and at the last step.
+
+    Each rank's BatchNorm statistics follow its own shard of the data, so they are averaged over
+    ranks first: the accuracy is that of the model a checkpoint saves and `tada-eval` reloads."""
+
+    def __init__(self, loader, *, every: int, total_steps: int, num_classes: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.loader = loader
+        self.every = every
+        self.total_steps = total_steps
+        self.num_classes = num_classes
+        self.device = device
+        self.dtype = dtype
+
+    def due(self, step: int) -> bool:
+        return (self.every > 0 and step % self.every == 0) or step == self.total_steps
+
+    def __call__(self, model) -> Accuracy:
+        average_batchnorm_statistics(model)
+        return evaluate_accuracy(model, self.loader, self.num_classes, device=self.device, dtype=self.dtype)
+
+
 def format_report(accuracy: Accuracy, classes: list[str], domain_name: str) -> str:
     width = max(len(name) for name in classes)
     lines = [f"{domain_name}: accuracy {accuracy.overall:.2f}% over {accuracy.images} images"]
@@ -72,46 +99,43 @@ def format_report(accuracy: Accuracy, classes: list[str], domain_name: str) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tada-eval", description="Evaluate a trained TADA run on a domain.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Evaluate a trained TADA run on a domain.")
     parser.add_argument("--checkpoint", required=True, help="a training output directory (holding config.yaml)")
     parser.add_argument("--domain", help="an ImageFolder directory or image-list file (default: the run's target)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's)")
     parser.add_argument("--ten-crop", action=argparse.BooleanOptionalAction, default=None,
                         help="average the predictions of ten crops per image (default: the run's data.eval_ten_crop)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line, alone on stdout")
+    parser.add_argument("--verbose", action="store_true", help="show DeepSpeed's start-up messages")
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ["TADA_DIST_VERBOSE"] = "1"
+    setup_logging(PROG)
 
     from tada_dist import checkpoint
+    from tada_dist.build import create_evaluation_loader, model_from_config, resolve_domains
     from tada_dist.config import ConfigError, load_saved_config
-    from tada_dist.data import DataError, create_eval_loader, load_domain
+    from tada_dist.data import DataError, load_domain
     from tada_dist.distributed import init_distributed
-    from tada_dist.trainer import loader_device, model_from_config, resolve_domains, transform_from_config
+    from tada_dist.model import ModelError
 
     output_dir = Path(args.checkpoint)
     config_file = output_dir / "config.yaml"
     if not config_file.is_file():
-        print(f"tada-eval: error: {output_dir} is not a training output directory (missing config.yaml)", file=sys.stderr)
-        return 2
+        return fail(PROG, f"{output_dir} is not a training output directory (missing config.yaml)")
     try:
         config = load_saved_config(config_file)
         weights, step = checkpoint.load_module_weights(output_dir)
         dist_info = init_distributed(config.distributed.backend)
         source, target = resolve_domains(config, dist_info)
         domain = load_domain(args.domain, classes=source.classes) if args.domain else target
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"tada-eval: error: {err}", file=sys.stderr)
-        return 2
+        model = model_from_config(config, len(source.classes), load_pretrained=False)
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+        return fail(PROG, err)
 
-    model = model_from_config(config, len(source.classes), load_pretrained=False)
     model.load_state_dict(weights)
     model.to(dist_info.device)
-    data = config.data
-    loader = create_eval_loader(
-        domain, batch_size=args.batch_size or data.eval_batch_size,
-        transform=transform_from_config(config, ten_crop=args.ten_crop),
-        rank=dist_info.rank, world_size=dist_info.world_size, backend=data.loader, device=loader_device(config, dist_info),
-        num_threads=data.num_threads,
-    )
+    loader = create_evaluation_loader(config, domain, dist_info, batch_size=args.batch_size, ten_crop=args.ten_crop)
     accuracy = evaluate_accuracy(model, loader, len(source.classes), device=dist_info.device, dtype=torch.float32)
     if dist_info.is_main:
         if args.json:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,14 @@ def resolve_tracking_uri(configured: str | None, output_dir: Path) -> str:
 
 
 def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    """The command that opens the MLflow UI on `uri`, runnable as printed: it names the mlflow program
+    installed beside this Python (relative to the current folder when it lies below it, as .venv/bin does)."""
+    mlflow = Path(sys.executable).parent / "mlflow"
+    try:
+        shown = f"./{mlflow.relative_to(Path.cwd())}" if mlflow.is_relative_to(Path.cwd()) else str(mlflow)
+    except ValueError:
+        shown = str(mlflow)
+    return f"{shown} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
 def _git_commit() -> str:

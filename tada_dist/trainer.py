@@ -1,137 +1,65 @@
-"""The training loop: set up, `train_step`, `validate`, `save`, in the order one step runs them.
+"""The training loop, one step after another; the components around it own their timing.
 
-    source batch + target batch -> TADA model (DeepSpeed engine) -> eq. 9 -> engine.backward/step
-    every log_every steps: metrics to the progress bar and MLflow (rank 0)
-    every eval_every steps: target accuracy, counted once per image across ranks
-    every checkpoint.every steps: DeepSpeed checkpoint with our client state, written atomically
-    a NaN/inf loss on any rank: every rank skips the step (no update); too many in a row stop the run
-    SIGTERM: finish the step, save a checkpoint, exit; the same command resumes
+    Trainer.__init__  the run's parts (build.py), the DeepSpeed engine, the resume, MLflow
+    Trainer.fit       until train.steps, or until a stop signal:
+        train_step        source + target batch -> TADA -> eq. 9 -> engine.backward/step; a NaN/inf
+                          loss on any rank makes every rank skip the step
+        metrics           loss means, throughput and progress every train.log_every steps (MetricsLogger)
+        evaluator         target accuracy every train.eval_every steps, each image counted once (Evaluator)
+        checkpointer      a checkpoint every checkpoint.every steps, written atomically (Checkpointer)
+    SIGTERM or Ctrl-C: every rank finishes its step, the run saves and exits; the same command resumes.
+    A second Ctrl-C stops at once.
+
+StepHooks is the seam into a step for the tests that inject faults (NaN inputs, weights gone bad).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 import tada_kernels
 from tada_dist import checkpoint
+from tada_dist.build import (
+    create_evaluation_loader,
+    create_train_loaders,
+    model_from_config,
+    resolve_domains,
+    seed_everything,
+)
 from tada_dist.config import Config, ConfigError, flatten, save_config, to_dict
-from tada_dist.data import (
-    DataError,
-    Domain,
-    TransformSpec,
-    check_same_classes,
-    create_eval_loader,
-    create_train_loader,
-    load_domain,
-)
-from tada_dist.data.synthetic import ensure_synthetic_dataset
+from tada_dist.data import DataError
 from tada_dist.deepspeed_config import deepspeed_config
-from tada_dist.distributed import (
-    DistInfo,
-    any_rank,
-    average_batchnorm_statistics,
-    barrier,
-    broadcast_object,
-    init_distributed,
-)
-from tada_dist.evaluate import Accuracy, evaluate_accuracy
+from tada_dist.distributed import any_rank, barrier, deepspeed_output, init_distributed
+from tada_dist.evaluate import Accuracy, Evaluator
 from tada_dist.losses import LossWeights, tada_objective
-from tada_dist.model import create_model, method_parts
+from tada_dist.metrics import MetricsLogger, Progress, RunTotals
+from tada_dist.model import method_parts
 from tada_dist.optim import create_optimizer
 from tada_dist.preemption import StopRequest
+from tada_dist.preflight import run_record
 from tada_dist.schedules import create_lr_scheduler, grl_schedule, progress
 from tada_dist.tracking import Tracker, resolve_tracking_uri, ui_command
 
-DEFAULT_DATA_CACHE = Path.home() / ".cache" / "tada-dist" / "synthetic"
 
+class StepHooks:
+    """Seams into every training step; the trainer's own hooks do nothing. Tests subclass them to
+    inject faults into real runs (NaN inputs on chosen steps, a weight that turns inf)."""
 
-def default_data_root() -> Path:
-    """Where the generated default dataset lives (TADA_DIST_CACHE overrides it)."""
-    return Path(os.environ.get("TADA_DIST_CACHE", DEFAULT_DATA_CACHE))
+    def before_step(self, trainer: Trainer) -> None:
+        """Called before the step's first batch is read; trainer.step is the number of steps done."""
 
+    def on_inputs(self, trainer: Trainer, images: torch.Tensor, micro_step: int) -> torch.Tensor:
+        """The images of micro-step `micro_step` (1-based) on the device, source and target alike."""
+        return images
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_domains(config: Config, dist_info: DistInfo) -> tuple[Domain, Domain]:
-    """Rank 0 lists and checks every image once; the other ranks receive the result (or its error).
-
-    The generated default dataset is written by every rank (it is locked and idempotent), because
-    nodes need not share a file system."""
-    root = Path(config.data.root) if config.data.root else ensure_synthetic_dataset(default_data_root())
-    result: tuple[Domain, Domain] | str
-    if dist_info.is_main:
-        try:
-            source = load_domain(root / config.data.source, skip_corrupt=config.data.skip_corrupt)
-            target = load_domain(root / config.data.target, skip_corrupt=config.data.skip_corrupt)
-            check_same_classes(source, target)
-            result = (source, target)
-        except DataError as err:
-            result = str(err)
-    else:
-        result = ""
-    result = broadcast_object(result)
-    if isinstance(result, str):
-        raise DataError(result)
-    return result
-
-
-def model_from_config(config: Config, num_classes: int, *, load_pretrained: bool = True) -> torch.nn.Module:
-    """The TADA model a config describes; evaluation skips the pretrained weights it overwrites anyway."""
-    model = config.model
-    return create_model(
-        method=config.method,
-        backbone=model.backbone,
-        num_classes=num_classes,
-        image_size=config.data.crop,
-        pretrained=model.pretrained if load_pretrained else None,
-        pooling=model.pooling,
-        bottleneck_dim=model.bottleneck_dim,
-        bottleneck_layers=model.bottleneck_layers,
-        bottleneck_batchnorm=model.bottleneck_batchnorm,
-        bottleneck_dropout=model.bottleneck_dropout,
-        classifier_hidden=model.classifier_hidden,
-        classifier_layers=model.classifier_layers,
-        region_hidden=model.region_hidden,
-        global_hidden=model.global_hidden,
-        global_layers=model.global_layers,
-        discriminator_dropout=model.discriminator_dropout,
-        attention=model.attention,
-        entropy_unit=model.entropy_unit,
-        detach_attention=model.detach_attention,
-        kernels_backend=config.kernels.backend,
-    )
-
-
-def transform_from_config(config: Config, *, ten_crop: bool | None = None) -> TransformSpec:
-    """The image transform of `config.data`; ten_crop (evaluation only) defaults to data.eval_ten_crop."""
-    data = config.data
-    return TransformSpec(
-        resize=data.resize, crop=data.crop, flip=data.flip, mean=tuple(data.mean), std=tuple(data.std),
-        resize_mode=data.resize_mode, train_crop=data.train_crop,
-        ten_crop=data.eval_ten_crop if ten_crop is None else ten_crop,
-    )
-
-
-def loader_device(config: Config, dist_info: DistInfo) -> str:
-    """Where DALI decodes: `data.device`, or the training device when it is `auto`."""
-    if config.data.device != "auto":
-        return config.data.device
-    return "gpu" if dist_info.device.type == "cuda" else "cpu"
+    def after_step(self, trainer: Trainer) -> None:
+        """Called when the step is done, before it is logged, evaluated or saved."""
 
 
 def match_batchnorm_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -168,42 +96,24 @@ def frozen_optimizer(optimizer: torch.optim.Optimizer) -> Iterator[None]:
             group.update(momentum=momentum, weight_decay=weight_decay)
 
 
-@dataclass
-class RunningMeans:
-    """Averages of the loss terms since the last log. Sums stay tensors until then, so that reading
-    them adds no wait for the GPU (the step's one sync is the all-ranks finiteness check)."""
-
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    count: int = 0
-
-    def add(self, values: dict[str, torch.Tensor]) -> None:
-        for key, value in values.items():
-            self.sums[key] = self.sums[key] + value if key in self.sums else value.detach().clone()
-        self.count += 1
-
-    def pop(self) -> dict[str, float]:
-        means = {key: float(total) / max(self.count, 1) for key, total in self.sums.items()}
-        self.sums, self.count = {}, 0
-        return means
-
-
 class Trainer:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, hooks: StepHooks | None = None):
         import deepspeed
 
         self.config = config
+        self.hooks = hooks or StepHooks()
         self.dist = init_distributed(config.distributed.backend)
         try:  # fail now, not at the first forward pass
             tada_kernels.resolve_backend(config.kernels.backend, self.dist.device)
         except RuntimeError as err:
             raise ConfigError(f"kernels.backend={config.kernels.backend}: {err}") from None
-        self.output_dir = config.resolved_output_dir()
+        self.output_dir = Path(config.output_dir)
         self.adapts = method_parts(config.method).adapts  # source_only never reads a target batch
         self.loss_weights = LossWeights(adaptation=config.loss.adaptation_weight, entropy=config.loss.entropy_weight)
 
         self.source, self.target = resolve_domains(config, self.dist)
         self.num_classes = len(self.source.classes)
-        self._build_loaders()
+        self.source_loader, self.target_loader = create_train_loaders(config, self.source, self.target, self.dist)
 
         seed_everything(config.seed)  # identical initial weights on every rank
         model = model_from_config(config, self.num_classes)
@@ -219,9 +129,10 @@ class Trainer:
             optimizer, config.train.steps, gamma=config.schedule.lr_gamma, power=config.schedule.lr_power
         )
         self.ds_config = deepspeed_config(config, self.dist.world_size)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
-        )
+        with deepspeed_output():
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+            )
         self.model = self.engine.module
         self.input_dtype = torch.bfloat16 if config.distributed.precision == "bf16" else torch.float32
         if self.input_dtype == torch.bfloat16 and self.dist.device.type == "cpu":
@@ -231,37 +142,39 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0  # steps skipped for a non-finite loss, over the whole run
         self.nonfinite_streak = 0  # of them, how many in a row up to now
-        self.saved_step: int | None = None
+        self.totals = RunTotals()
         self.stop = StopRequest()
         self.stop_agreed = False
-        resumed = checkpoint.load_latest(self.engine, self.output_dir, self.dist) if config.checkpoint.resume else None
+        self.checkpointer = checkpoint.Checkpointer(
+            self.output_dir, every=config.checkpoint.every, keep=config.checkpoint.keep,
+            total_steps=config.train.steps, dist_info=self.dist, run=run_record(config, self.dist.world_size),
+        )
+        resumed = self.checkpointer.resume(self.engine) if config.checkpoint.resume else None
         if resumed is not None:
-            self.step = self.saved_step = int(resumed["step"])
-            self.skipped_steps = int(resumed.get("skipped_steps", 0))
-            self.source_loader.load_state_dict(resumed["data"]["source"])
-            self.target_loader.load_state_dict(resumed["data"]["target"])
-            if self.dist.is_main:
-                print(f"resuming from step {self.step} of {self.output_dir}", flush=True)
+            self._restore(resumed)
+        self.evaluator = Evaluator(
+            create_evaluation_loader(config, self.target, self.dist), every=config.train.eval_every,
+            total_steps=config.train.steps, num_classes=self.num_classes, device=self.dist.device,
+            dtype=self.input_dtype,
+        )
         self._start_tracking(resumed)
         self.last_accuracy: Accuracy | None = None
 
     # -- set-up helpers -------------------------------------------------------------------------
 
-    def _build_loaders(self) -> None:
-        data = self.config.data
-        device = loader_device(self.config, self.dist)
-        train_transform = transform_from_config(self.config, ten_crop=False)
-        common = dict(rank=self.dist.rank, world_size=self.dist.world_size, backend=data.loader, device=device,
-                      num_threads=data.num_threads)
-        self.source_loader = create_train_loader(
-            self.source, batch_size=data.batch_size, transform=train_transform, seed=self.config.seed, **common
-        )
-        self.target_loader = create_train_loader(
-            self.target, batch_size=data.batch_size, transform=train_transform, seed=self.config.seed + 1, **common
-        )
-        self.eval_loader = create_eval_loader(
-            self.target, batch_size=data.eval_batch_size, transform=transform_from_config(self.config), **common
-        )
+    def _restore(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.totals.load_state_dict(state.get("totals", {}))
+        try:
+            self.source_loader.load_state_dict(state["data"]["source"])
+            self.target_loader.load_state_dict(state["data"]["target"])
+        except DataError as err:
+            raise ConfigError(f"{self.output_dir} holds a checkpoint that cannot resume this run ({err}); "
+                              "train elsewhere with output_dir=..., or start over in this folder with "
+                              "checkpoint.resume=false") from None
+        if self.dist.is_main:
+            print(f"resuming from step {self.step} of {self.output_dir}", flush=True)
 
     def _start_tracking(self, resumed: dict | None) -> None:
         config = self.config
@@ -271,10 +184,10 @@ class Trainer:
         run_id = resumed.get("mlflow_run_id") if resumed else None
         self.tracker.start(
             run_id=run_id,
-            run_name=config.tracking.run_name or f"{config.method}-seed{config.seed}",
+            run_name=config.tracking.run_name or self.output_dir.name,
             system_metrics=config.tracking.system_metrics,
-            tags={"world_size": self.dist.world_size, "method": config.method,
-                  "source": self.source.name, "target": self.target.name},
+            tags={"world_size": self.dist.world_size, "method": config.method, "seed": config.seed,
+                  "source": self.source.name, "target": self.target.name, "output_dir": str(self.output_dir)},
         )
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -288,24 +201,26 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------
 
-    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(self.dist.device, dtype=self.input_dtype, non_blocking=True)
+    def _inputs(self, images: torch.Tensor, micro_step: int) -> torch.Tensor:
+        images = images.to(self.dist.device, dtype=self.input_dtype, non_blocking=True)
+        return self.hooks.on_inputs(self, images, micro_step)
 
     def train_step(self) -> dict[str, torch.Tensor] | None:
         """One optimizer step over grad_accum micro-batches. Returns the loss terms, or None when a
         NaN/inf loss on any rank made every rank skip the step: no parameter, optimizer or BatchNorm
         statistic changes, but the batches are consumed and the step counts."""
         config = self.config
+        self.hooks.before_step(self)
         p = progress(self.step, config.train.steps)
         grl_coeff = grl_schedule(p, alpha=config.schedule.grl_alpha)
         self.model.set_grl_coeff(grl_coeff)
         self.engine.train()
         statistics = [buffer.detach().clone() for buffer in self.model.buffers()]
         finite = True
-        for _ in range(config.distributed.grad_accum):
+        for micro_step in range(1, config.distributed.grad_accum + 1):
             source_images, source_labels = next(self.source_loader)
-            target_images = self._to_device(next(self.target_loader)[0]) if self.adapts else None
-            outputs = self.engine(self._to_device(source_images), target_images)
+            target_images = self._inputs(next(self.target_loader)[0], micro_step) if self.adapts else None
+            outputs = self.engine(self._inputs(source_images, micro_step), target_images)
             loss, terms = tada_objective(
                 outputs, source_labels.to(self.dist.device), self.loss_weights, method=config.method,
                 detach_attention=config.model.detach_attention, entropy_unit=config.model.entropy_unit,
@@ -329,37 +244,27 @@ class Trainer:
         if not finite:
             for buffer, saved in zip(self.model.buffers(), statistics):
                 buffer.copy_(saved)
+        self.hooks.after_step(self)
+        if not finite:
             return None
         terms["lambda_p"] = torch.tensor(self.loss_weights.adaptation * grl_coeff)
         return terms
 
-    def validate(self, loader=None) -> Accuracy:
-        average_batchnorm_statistics(self.model)
-        self.engine.eval()
-        return evaluate_accuracy(self.model, loader or self.eval_loader, self.num_classes,
-                                 device=self.dist.device, dtype=self.input_dtype)
+    def validate(self) -> Accuracy:
+        self.last_accuracy = self.evaluator(self.model)
+        self.tracker.log_metrics({"target_acc": self.last_accuracy.overall}, step=self.step)
+        return self.last_accuracy
 
-    def save(self) -> None:
-        """Checkpoint the current step, unless it is saved already or the weights hold NaN/inf (then
-        the newest checkpoint stays the last good one). Skipped steps change nothing, so a save
-        during a streak of non-finite losses stores the state from before the streak."""
-        if self.saved_step == self.step:
-            return
-        weights_finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
-        if any_rank([not bool(weights_finite)], self.dist.device)[0]:
-            if self.dist.is_main:
-                tqdm.write(f"step {self.step}: not saving a checkpoint: the weights hold NaN/inf")
-            return
-        average_batchnorm_statistics(self.model)
+    def save(self) -> bool:
+        """Checkpoint the current step (see Checkpointer.save); whether one exists afterwards."""
         client_state = {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "totals": self.totals.state_dict(),
             "data": {"source": self.source_loader.state_dict(), "target": self.target_loader.state_dict()},
             "mlflow_run_id": self.tracker.run_id,
         }
-        checkpoint.save(self.engine, self.output_dir, self.step, client_state, self.dist,
-                        keep=self.config.checkpoint.keep)
-        self.saved_step = self.step
+        return self.checkpointer.save(self.engine, self.model, self.step, client_state)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -371,8 +276,8 @@ class Trainer:
         return self.global_batch() * (2 if self.adapts else 1)
 
     def fit(self) -> dict:
-        """Train to train.steps (or until SIGTERM) and return the summary; "stopped" is set when a
-        stop signal ended the run early, after its checkpoint."""
+        """Train to train.steps (or until SIGTERM / Ctrl-C) and return the summary; "stopped" is set when
+        a stop signal ended the run early, after its checkpoint."""
         try:
             with self.stop:
                 summary = self._fit()
@@ -388,75 +293,68 @@ class Trainer:
     def _fit(self) -> dict:
         config = self.config
         total = config.train.steps
-        log_every, eval_every, ckpt_every = config.train.log_every, config.train.eval_every, config.checkpoint.every
-        if self.dist.is_main:
+        show = self.dist.is_main
+        if show:
             print(f"global batch {self.global_batch()} per domain = {config.data.batch_size} per rank x "
                   f"{self.dist.world_size} ranks x {config.distributed.grad_accum} accumulation", flush=True)
-        # The bar is closed however the loop ends, so that an error starts on a line of its own.
-        with tqdm(total=total, initial=self.step, disable=not self.dist.is_main, desc=config.method,
-                  dynamic_ncols=True, unit="step") as bar:
-            means = RunningMeans()
-            started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
-            wait_before = self.source_loader.data_wait_seconds + self.target_loader.data_wait_seconds
+        if self.step == total and show:
+            print(f"{self.output_dir} already finished its {total} steps; evaluating its last checkpoint "
+                  "(raise train.steps to train on)", flush=True)
+        progress_display = Progress(total=total, initial=self.step, desc=config.method, enabled=show)
+        metrics = MetricsLogger(self.tracker, progress_display, log_every=config.train.log_every, total_steps=total,
+                                images_per_step=self.images_per_step(), totals=self.totals)
+        try:
             while self.step < total:
+                started, waited = time.perf_counter(), self._data_wait()
                 terms = self.train_step()
-                self._count_nonfinite(terms is None, bar)
-                if terms is not None:
-                    means.add(terms)
-                window_steps += 1
-                bar.update(1)
-                if self.step % log_every == 0 or self.step == total:
-                    elapsed = time.perf_counter() - window_start
-                    wait_now = self.source_loader.data_wait_seconds + self.target_loader.data_wait_seconds
-                    metrics = means.pop()
-                    metrics.update(
-                        images_per_sec=self.images_per_step() * window_steps / elapsed,
-                        data_wait_sec=(wait_now - wait_before) / window_steps,
-                        lr=self.optimizer.param_groups[0]["lr"],
-                        skipped_steps=self.skipped_steps,
-                    )
-                    self.tracker.log_metrics(metrics, step=self.step)
-                    bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "cls", "images_per_sec") if k in metrics})
-                    window_start, window_steps, wait_before = time.perf_counter(), 0, wait_now
-                if (eval_every and self.step % eval_every == 0) or self.step == total:
-                    self.last_accuracy = self.validate()
-                    self.tracker.log_metrics({"target_acc": self.last_accuracy.overall}, step=self.step)
-                    bar.write(f"step {self.step}: target accuracy {self.last_accuracy.overall:.2f}%")
-                if (ckpt_every and self.step % ckpt_every == 0) or self.step == total:
+                self._count_nonfinite(terms is None, progress_display)
+                metrics.after_step(self.step, terms, seconds=time.perf_counter() - started,
+                                   data_wait=self._data_wait() - waited,
+                                   extra={"lr": self.optimizer.param_groups[0]["lr"],
+                                          "skipped_steps": self.skipped_steps})
+                if self.evaluator.due(self.step):
+                    progress_display.write(f"step {self.step}: target accuracy {self.validate().overall:.2f}%")
+                if self.checkpointer.due(self.step) or self.stop_agreed:
                     self.save()
                 if self.stop_agreed and self.step < total:
-                    self.save()
                     return self._stopped_summary()
+        finally:
+            progress_display.close()
         if self.last_accuracy is None:  # resumed at the final step: nothing trained, still report
-            self.last_accuracy = self.validate()
-        return self._write_summary(time.perf_counter() - started)
+            self.validate()
+        return self._write_summary()
 
-    def _count_nonfinite(self, skipped: bool, bar: tqdm) -> None:
+    def _data_wait(self) -> float:
+        return self.source_loader.data_wait_seconds + self.target_loader.data_wait_seconds
+
+    def _count_nonfinite(self, skipped: bool, progress_display: Progress) -> None:
         if not skipped:
             self.nonfinite_streak = 0
             return
         self.skipped_steps += 1
         self.nonfinite_streak += 1
-        bar.write(f"step {self.step}: loss is NaN/inf on some rank; step skipped "
-                  f"({self.nonfinite_streak} in a row, {self.skipped_steps} in this run)")
+        progress_display.write(f"step {self.step}: loss is NaN/inf on some rank; step skipped "
+                               f"({self.nonfinite_streak} in a row, {self.skipped_steps} in this run)")
         limit = self.config.train.max_nonfinite_steps
         if self.nonfinite_streak >= limit:
-            last_good = checkpoint.read_latest(checkpoint.checkpoint_dir(self.output_dir))
-            where = checkpoint.checkpoint_dir(self.output_dir) / last_good if last_good else "none saved yet"
+            last_good = self.checkpointer.last_good()
             raise NonFiniteLossError(
                 f"the loss was NaN/inf for {limit} steps in a row (steps {self.step - limit + 1}-{self.step}, "
-                f"train.max_nonfinite_steps={limit}); the last good checkpoint is {where}"
+                f"train.max_nonfinite_steps={limit}); the last good checkpoint is {last_good or 'none saved yet'}"
             )
 
     def _stopped_summary(self) -> dict:
         """What a run stopped by a signal reports: where it stopped and where it saved."""
         signal_name = self.stop.received.name if self.stop.received else "a stop signal on another rank"
+        saved = self.checkpointer.saved_step == self.step
         return {"stopped": signal_name, "step": self.step, "method": self.config.method,
                 "checkpoint": str(checkpoint.checkpoint_dir(self.output_dir) / checkpoint.step_tag(self.step))
-                if self.saved_step == self.step else None,
+                if saved else None,
                 "mlflow_run_id": self.tracker.run_id}
 
-    def _write_summary(self, wall_seconds: float) -> dict:
+    def _write_summary(self) -> dict:
+        """metrics.json and the run's closing MLflow metrics; training time and images/s are totals over
+        every session of the run, resumes included."""
         accuracy = self.last_accuracy
         summary = {
             "target_acc": accuracy.overall,
@@ -464,10 +362,14 @@ class Trainer:
             "step": self.step,
             "method": self.config.method,
             "seed": self.config.seed,
-            "wall_seconds": round(wall_seconds, 2),
+            "world_size": self.dist.world_size,
+            "train_seconds": round(self.totals.train_seconds, 2),
+            "images_per_sec": round(self.totals.images_per_sec, 1),
             "mlflow_run_id": self.tracker.run_id,
             "tracking_uri": self.tracker.uri if self.tracker.active else None,
         }
+        self.tracker.log_metrics({"train_seconds": self.totals.train_seconds,
+                                  "mean_images_per_sec": self.totals.images_per_sec}, step=self.step)
         if self.dist.is_main:
             (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         barrier()
@@ -481,6 +383,7 @@ def report(summary: dict) -> None:
         print(f"stopped by {summary['stopped']} at step {summary['step']}; {saved}; "
               "run the same command to resume", flush=True)
         return
-    print(f"target accuracy: {summary['target_acc']:.2f}% after {summary['step']} steps ({summary['method']})")
+    print(f"target accuracy: {summary['target_acc']:.2f}% after {summary['step']} steps ({summary['method']}; "
+          f"{summary['train_seconds']:.0f} s of training, {summary['images_per_sec']:.0f} images/s)")
     if summary.get("tracking_uri"):
         print(f"MLflow run {summary['mlflow_run_id']}; open the UI with:\n  {ui_command(summary['tracking_uri'])}")

@@ -2,6 +2,7 @@
 the skipped-step optimizer and the stop signal."""
 
 import json
+import logging
 import os
 import signal
 
@@ -13,14 +14,14 @@ from tada_dist.preemption import StopRequest
 from tada_dist.trainer import frozen_optimizer, zero_gradient_loss
 
 
-def fake_checkpoint(output_dir, step, payload=b"weights"):
-    """A folder shaped like a finished save: files, manifest, `latest` pointing at it."""
+def fake_checkpoint(output_dir, step, payload=b"weights", run=None):
+    """A folder shaped like a finished save: files, manifest (with the `run` record), `latest` pointing at it."""
     ckpt_dir = checkpoint.checkpoint_dir(output_dir)
     tag_dir = ckpt_dir / checkpoint.step_tag(step)
     tag_dir.mkdir(parents=True)
     (tag_dir / checkpoint.MODEL_STATES_FILE).write_bytes(payload + bytes([step]))
     (tag_dir / "rng_rank0.pt").write_bytes(b"rng")
-    checkpoint._write_manifest(tag_dir, step)
+    checkpoint._write_manifest(tag_dir, step, run or {})
     checkpoint._write_atomically(ckpt_dir / checkpoint.LATEST_FILE, tag_dir.name)
     return tag_dir
 
@@ -35,7 +36,7 @@ def test_manifest_lists_every_file_with_size_and_hash(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
-def test_corrupt_latest_falls_back_to_the_previous_checkpoint(tmp_path, damage):
+def test_corrupt_latest_falls_back_to_the_previous_checkpoint(tmp_path, damage, caplog):
     fake_checkpoint(tmp_path, 4)
     latest = fake_checkpoint(tmp_path, 6)
     states = latest / checkpoint.MODEL_STATES_FILE
@@ -48,8 +49,9 @@ def test_corrupt_latest_falls_back_to_the_previous_checkpoint(tmp_path, damage):
     else:
         (latest / checkpoint.MANIFEST_FILE).write_text("{not json")
     assert checkpoint.verify(latest) is not None
-    with pytest.warns(UserWarning, match="step00000006 is unusable"):
+    with caplog.at_level(logging.WARNING, logger="tada_dist"):
         assert checkpoint.find_resumable(tmp_path).name == "step00000004"
+    assert "step00000006 is unusable" in caplog.text
 
 
 def test_no_usable_checkpoint_gives_none_and_eval_names_the_folder(tmp_path):
@@ -127,3 +129,25 @@ def test_stop_request_records_sigterm_and_restores_the_handler():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.received == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_stop_request_first_ctrl_c_asks_to_stop_and_the_second_stops_at_once():
+    previous = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_manifest_records_the_run_and_old_manifests_read_as_empty(tmp_path):
+    tag_dir = tmp_path / "step00000002"
+    tag_dir.mkdir()
+    (tag_dir / "weights.pt").write_bytes(b"w")
+    checkpoint._write_manifest(tag_dir, 2, {"world_size": 2, "method": "tada"})
+    manifest = checkpoint.read_manifest(tag_dir)
+    assert manifest["step"] == 2 and manifest["run"] == {"world_size": 2, "method": "tada"}
+    assert checkpoint.verify(tag_dir) is None
+    (tag_dir / checkpoint.MANIFEST_FILE).write_text(json.dumps({"step": 2, "files": {}}))
+    assert checkpoint.read_manifest(tag_dir)["run"] == {}

@@ -131,9 +131,22 @@ def test_saved_config_round_trips(tmp_path):
     assert load_saved_config(tmp_path / "config.yaml") == config
 
 
-def test_default_output_dir_names_the_pair_and_method():
-    config = build_config(None, ["data.source=mnist", "data.target=mnist_m", "method=dann", "seed=3"])
-    assert config.resolved_output_dir() == Path("runs/mnist_to_mnist_m/dann-seed3")
+def test_default_output_dir_names_the_pair_method_seed_and_process_count(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    overrides = ["data.source=mnist", "data.target=mnist_m", "method=dann", "seed=3"]
+    assert build_config(None, overrides).output_dir == str(tmp_path / "runs/mnist_to_mnist_m/dann-seed3")
+    assert build_config(None, overrides, world_size=2).output_dir == str(tmp_path / "runs/mnist_to_mnist_m/dann-seed3-2proc")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # what torchrun exports
+    assert build_config(None, overrides).output_dir.endswith("dann-seed3-4proc")
+    assert build_config(None, [*overrides, "output_dir=mine"]).output_dir == str(tmp_path / "mine")
+
+
+def test_resolved_config_shows_real_paths(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TADA_DIST_CACHE", str(tmp_path / "cache"))
+    assert build_config(None, []).data.root == str(tmp_path / "cache")  # the generated dataset's folder
+    (tmp_path / "digits").mkdir()
+    assert build_config(None, ["data.root=digits"]).data.root == str(tmp_path / "digits")
 
 
 def test_flatten_for_mlflow_params():

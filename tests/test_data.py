@@ -7,6 +7,8 @@ it came from whatever the crop; the blue channel is noise, so that crops and fli
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -195,14 +197,16 @@ def test_list_labels_must_fit_the_given_classes(tmp_path):
         load_domain(tmp_path / "list.txt", classes=["a", "b"])
 
 
-def test_skip_corrupt_drops_unreadable_images_with_a_warning(tmp_path):
+def test_skip_corrupt_drops_unreadable_images_with_a_log_line(tmp_path, caplog):
     write_png(tmp_path / "dom" / "a" / "good.png", (1, 2, 3))
     (tmp_path / "dom" / "a" / "noise.png").write_bytes(b"\x89PNG not really")
     write_png(tmp_path / "dom" / "b" / "fine.png", (1, 2, 3))
     (tmp_path / "dom" / "b" / "zero.png").write_bytes(b"")
 
-    with pytest.warns(UserWarning, match=r"dropped 2 unreadable image\(s\): .*noise.png.*zero.png"):
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="tada_dist"):
+        warnings.simplefilter("error")  # a log line, not a Python warning with a source line
         domain = load_domain(tmp_path / "dom", skip_corrupt=True)
+    assert re.search(r"dropped 2 unreadable image\(s\) \(data.skip_corrupt=true\): .*noise.png.*zero.png", caplog.text)
 
     assert [Path(f).name for f in domain.files] == ["good.png", "fine.png"]
     assert domain.labels == [0, 1]

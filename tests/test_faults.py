@@ -295,29 +295,27 @@ from micro-step NAN_MICROSTEP (default 1) of those steps on; with INF_WEIGHTS_AT
 at the end of that step instead."""
 import os, sys
 import torch
-from tada_dist import train, trainer
+from tada_dist import train
+from tada_dist.trainer import StepHooks
 
 spec = os.environ.get("NAN_STEPS", "0")
 inf_weights_at = int(os.environ.get("INF_WEIGHTS_AT", "0"))
 first_micro_step = int(os.environ.get("NAN_MICROSTEP", "1"))
-def poisoned(step):
-    return step >= int(spec[:-1]) if spec.endswith("-") else step in {int(s) for s in spec.split(",")}
 
-original_step, original_to_device = trainer.Trainer.train_step, trainer.Trainer._to_device
-def train_step(self):
-    self.poison, self.transfers = poisoned(self.step + 1), 0
-    terms = original_step(self)
-    if self.step == inf_weights_at:
-        with torch.no_grad():
-            next(self.model.parameters()).view(-1)[0] = float("inf")
-    return terms
-def to_device(self, images):
-    images = original_to_device(self, images)
-    self.transfers += 1
-    micro_step = (self.transfers + 1) // 2  # two transfers (target, source) per micro-step
-    return images * float("nan") if self.poison and micro_step >= first_micro_step else images
-trainer.Trainer.train_step, trainer.Trainer._to_device = train_step, to_device
-sys.exit(train.main(sys.argv[1:]))
+class InjectFaults(StepHooks):
+    def before_step(self, trainer):
+        step = trainer.step + 1
+        self.poison = step >= int(spec[:-1]) if spec.endswith("-") else step in {int(s) for s in spec.split(",")}
+
+    def on_inputs(self, trainer, images, micro_step):
+        return images * float("nan") if self.poison and micro_step >= first_micro_step else images
+
+    def after_step(self, trainer):
+        if trainer.step == inf_weights_at:
+            with torch.no_grad():
+                next(trainer.model.parameters()).view(-1)[0] = float("inf")
+
+sys.exit(train.main(sys.argv[1:], hooks=InjectFaults()))
 '''
 
 

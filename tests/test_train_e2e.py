@@ -1,15 +1,16 @@
 """End to end: real torchrun workers, DALI pipelines, a DeepSpeed engine on gloo and MLflow on sqlite."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from e2e import metric_history, process_env, run, torchrun, train_overrides
+from e2e import metric_history, process_env, run, torchrun, train_overrides, wait_for
 
+from tada_dist import checkpoint
 from tada_dist.data.synthetic import ensure_synthetic_dataset
-
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,105 @@ def test_unreachable_pretrained_weights_stop_before_training_with_one_line(tiny_
     assert "could not download torchvision weights 'IMAGENET1K_V1' for resnet18" in error_lines[0]
     assert "model.pretrained=/path/to/resnet18-f37072fd.pth" in error_lines[0]
     assert not run_dir.exists() and not (tmp_path / "m.db").exists()
+
+
+# -- first contact: the mistakes a new user makes get one line, and work is never lost ------------------
+
+
+def error_lines(result: subprocess.CompletedProcess, prog: str = "tada-train") -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith(f"{prog}: error:")]
+
+
+def test_readme_order_one_process_then_two_and_a_mismatched_resume_stops_once(tiny_data, tmp_path):
+    """The default output folders of a one- and a two-process run differ, so the README's commands run
+    in order; forcing the two-process run into the one-process folder stops at once with one line,
+    without torchrun restarting the workers."""
+    common = [f"data.root={tiny_data}", "train.steps=2", "train.eval_every=0", "data.batch_size=4",
+              "data.eval_batch_size=16", "model.global_hidden=32", "model.region_hidden=16", "model.bottleneck_dim=32",
+              "data.num_threads=1", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    run([sys.executable, "-m", "tada_dist.train", *common], tmp_path)
+    single = tmp_path / "runs" / "source_to_target" / "tada-seed0"
+    assert json.loads((single / "metrics.json").read_text())["world_size"] == 1
+
+    local = str(Path(__file__).resolve().parents[1] / "launch" / "local.sh")
+    run([local, "configs-unused", *common], tmp_path, expect=2)  # a missing config file: the launcher's own check
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+    run([local, config, *common], tmp_path, NPROC_PER_NODE="2")
+    assert json.loads((tmp_path / "runs" / "source_to_target" / "tada-seed0-2proc" / "metrics.json").read_text())[
+        "world_size"] == 2
+
+    mismatched = run([local, config, *common, f"output_dir={single}"], tmp_path, expect=2, NPROC_PER_NODE="2")
+    [line] = error_lines(mismatched)
+    assert f"{single} holds a checkpoint (step 2) of a different run: world_size 1 there, 2 now" in line
+    assert "output_dir=..." in line and "checkpoint.resume=false" in line
+    assert "Restarting" not in mismatched.stderr and "FAILED" not in mismatched.stderr  # torchrun did not try again
+
+    more = run([sys.executable, "-m", "tada_dist.train", *common, "train.steps=1"], tmp_path, expect=2)
+    [line] = error_lines(more)
+    assert "holds a checkpoint at step 2, beyond train.steps=1" in line
+
+
+def test_ctrl_c_saves_the_step_and_the_same_command_resumes_the_same_mlflow_run(tiny_data, tmp_path):
+    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
+    command = [sys.executable, "-m", "tada_dist.train",
+               *train_overrides(tiny_data, run_dir, db, steps=400, every=1000), "train.eval_every=0"]
+    log = tmp_path / "train.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, cwd=tmp_path, env=process_env(tmp_path), stdout=handle,
+                                   stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "step 3/400" in log.read_text(), timeout=300, what="step 3", process=process)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130
+    finally:
+        process.kill()
+    output = log.read_text()
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    stopped_at = int(output.split("stopped by SIGINT at step ")[1].split(";")[0])
+    assert 3 <= stopped_at < 400 and "run the same command to resume" in output
+    assert checkpoint.latest_step(run_dir) == stopped_at
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    [first] = client.search_runs([client.get_experiment_by_name("tada-dist").experiment_id])
+    assert first.info.status == "KILLED" and first.info.run_name == "run"
+
+    resumed = run([*command[:-2], "train.steps=" + str(stopped_at + 2), "train.eval_every=0"], tmp_path)
+    assert f"resuming from step {stopped_at} " in resumed.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["mlflow_run_id"] == first.info.run_id and metrics["step"] == stopped_at + 2
+    assert client.get_run(first.info.run_id).info.status == "FINISHED"
+    # Training time and throughput are totals over both sessions, not the last one alone.
+    assert metrics["train_seconds"] > 0 and metrics["images_per_sec"] > 0
+    history = metric_history(db, first.info.run_id, "loss")
+    assert [step for step, _ in history] == list(range(1, stopped_at + 3))
+
+
+@pytest.mark.parametrize("problem", ["server", "folder"])
+def test_unreachable_tracking_server_and_unwritable_folder_stop_at_once_with_one_line(tiny_data, tmp_path, problem):
+    from tada_dist.distributed import free_port
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    run_dir = blocker / "run" if problem == "folder" else tmp_path / "run"
+    overrides = train_overrides(tiny_data, run_dir, tmp_path / "m.db", steps=2)
+    if problem == "server":
+        overrides.append(f"tracking.uri=http://127.0.0.1:{free_port()}")
+    result = run([sys.executable, "-m", "tada_dist.train", *overrides], tmp_path, expect=2, timeout=60)
+    [line] = error_lines(result)
+    if problem == "server":
+        assert "did not answer within 5 s" in line and "tracking.enabled=false" in line
+    else:
+        assert f"output_dir {run_dir} is not writable" in line
+    assert "Traceback" not in result.stderr and "torch" not in result.stderr.lower()
+
+
+def test_progress_is_plain_lines_and_eval_json_is_alone_on_stdout(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run([sys.executable, "-m", "tada_dist.train",
+                  *train_overrides(tiny_data, run_dir, tmp_path / "m.db", steps=3), "tracking.enabled=false"], tmp_path)
+    assert "\r" not in result.stdout + result.stderr
+    assert "step 2/3  loss " in result.stdout and "eta " in result.stdout
+    assert "DeepSpeed" not in result.stdout and "[INFO]" not in result.stdout + result.stderr
+    evaluation = run([sys.executable, "-m", "tada_dist.evaluate", "--checkpoint", str(run_dir), "--json"], tmp_path)
+    assert len(evaluation.stdout.splitlines()) == 1 and json.loads(evaluation.stdout)["step"] == 3

@@ -1,24 +1,22 @@
 """Data domains, sharded resumable sampling, and DALI / torchvision loaders for training and evaluation."""
 
-from .domain import IMAGE_EXTENSIONS, DataError, Domain, check_same_classes, load_domain
-from .loader import BACKENDS, DEVICES, EvalLoader, TrainLoader, create_eval_loader, create_train_loader
-from .sampler import ShardedSampler
-from .synthetic import ensure_synthetic_dataset
-from .transforms import TransformSpec
+from tada_dist.lazy import lazy_exports
 
-__all__ = [
-    "BACKENDS",
-    "DEVICES",
-    "IMAGE_EXTENSIONS",
-    "DataError",
-    "Domain",
-    "EvalLoader",
-    "ShardedSampler",
-    "TrainLoader",
-    "TransformSpec",
-    "check_same_classes",
-    "create_eval_loader",
-    "create_train_loader",
-    "ensure_synthetic_dataset",
-    "load_domain",
-]
+from .options import DEVICES, LOADER_BACKENDS as BACKENDS
+
+_EXPORTS = {
+    "IMAGE_EXTENSIONS": ".domain",
+    "DataError": ".domain",
+    "Domain": ".domain",
+    "check_same_classes": ".domain",
+    "load_domain": ".domain",
+    "EvalLoader": ".loader",
+    "TrainLoader": ".loader",
+    "create_eval_loader": ".loader",
+    "create_train_loader": ".loader",
+    "ShardedSampler": ".sampler",
+    "ensure_synthetic_dataset": ".synthetic",
+    "TransformSpec": ".transforms",
+}
+__all__ = ["BACKENDS", "DEVICES", *_EXPORTS]
+__getattr__ = lazy_exports(__name__, _EXPORTS)

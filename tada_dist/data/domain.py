@@ -6,8 +6,8 @@ file kills a DALI pipeline mid-training and DALI has no option to skip it.
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 _CHECK_THREADS = min(32, 4 * (os.cpu_count() or 1))
 _CHECK_CHUNK = 64
 _NAMES_SHOWN = 5
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -170,11 +171,8 @@ def _drop_or_reject_unreadable(domain: Domain, path: Path, skip_corrupt: bool) -
             "fix or remove it, or set data.skip_corrupt=true to drop unreadable images"
         )
     dropped = {file for file, _ in unreadable}
-    warnings.warn(
-        f"data domain '{domain.name}': dropped {len(unreadable)} unreadable image(s): "
-        f"{_first_names([file for file, _ in unreadable])}",
-        stacklevel=3,
-    )
+    log.warning("data domain '%s': dropped %d unreadable image(s) (data.skip_corrupt=true): %s",
+                domain.name, len(unreadable), _first_names([file for file, _ in unreadable]))
     kept = [(file, label) for file, label in zip(domain.files, domain.labels) if file not in dropped]
     if not kept:
         raise DataError(f"data domain '{domain.name}' has no readable images: {path}")

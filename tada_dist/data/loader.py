@@ -13,11 +13,9 @@ from collections.abc import Iterator
 import torch
 
 from tada_dist.data.domain import DataError, Domain
+from tada_dist.data.options import DEVICES, LOADER_BACKENDS as BACKENDS
 from tada_dist.data.sampler import LookaheadSampler, ShardedSampler
 from tada_dist.data.transforms import TransformSpec
-
-BACKENDS = ("dali", "torch")
-DEVICES = ("cpu", "gpu")
 
 
 class TrainLoader(ABC):

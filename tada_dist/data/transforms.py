@@ -20,11 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tada_dist.data.domain import DataError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_MODES = ("shorter", "square")
-TRAIN_CROPS = ("random", "random_resized")
+from tada_dist.data.options import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, TRAIN_CROPS
 
 # torchvision's RandomResizedCrop defaults: the window covers 8-100% of the image, with an aspect
 # ratio between 3/4 and 4/3 drawn log-uniformly; 10 tries to fit, else the whole image.

@@ -1,21 +1,18 @@
 """The TADA model: backbones, gradient reversal, domain discriminators and the assembled network."""
 
-from .backbone import BACKBONES, ModelError, create_backbone
-from .discriminators import DomainDiscriminator, RegionDiscriminators
-from .grl import GradientReversal, GradientReversalFunction
-from .tada import METHODS, TADA, MethodParts, create_model, method_parts
+from tada_dist.lazy import lazy_exports
 
-__all__ = [
-    "BACKBONES",
-    "METHODS",
-    "TADA",
-    "DomainDiscriminator",
-    "GradientReversal",
-    "GradientReversalFunction",
-    "MethodParts",
-    "ModelError",
-    "RegionDiscriminators",
-    "create_backbone",
-    "create_model",
-    "method_parts",
-]
+from .options import BACKBONES, METHODS, POOLINGS, MethodParts, method_parts
+
+_EXPORTS = {
+    "ModelError": ".backbone",
+    "create_backbone": ".backbone",
+    "DomainDiscriminator": ".discriminators",
+    "RegionDiscriminators": ".discriminators",
+    "GradientReversal": ".grl",
+    "GradientReversalFunction": ".grl",
+    "TADA": ".tada",
+    "create_model": ".tada",
+}
+__all__ = ["BACKBONES", "METHODS", "POOLINGS", "MethodParts", "method_parts", *_EXPORTS]
+__getattr__ = lazy_exports(__name__, _EXPORTS)

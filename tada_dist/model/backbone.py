@@ -11,13 +11,11 @@ import torch
 import torchvision
 from torch import nn
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+from .options import BACKBONES, RESNETS
 
 
 class ModelError(ValueError):
     """A backbone or its pretrained weights cannot be built as asked."""
-
-BACKBONES = ("lenet", "small_cnn", *RESNETS)
 
 
 class ResNetTrunk(nn.Sequential):

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backend import interpreting, resolve_backend
+from ..backend import interpreting, resolve_backend
 from .entropy_attention import binary_entropy_and_slope, binary_entropy_with_logits, entropy_scale
 
 

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backend import interpreting, operand_dtype, resolve_backend, storage_dtype
+from ..backend import interpreting, operand_dtype, resolve_backend, storage_dtype
 
 
 def grouped_mlp(

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backend import interpreting, resolve_backend
+from ..backend import interpreting, resolve_backend
+from ..options import ATTENTION_FORMS, ENTROPY_UNITS
 
 
 def binary_entropy_with_logits(logits: Tensor) -> Tensor:
@@ -40,10 +41,6 @@ def binary_entropy_with_logits(logits: Tensor) -> Tensor:
     that rounded to 0 or 1, so saturated logits (|z| = 100) give finite values and gradients.
     """
     return F.softplus(logits) - logits * torch.sigmoid(logits)
-
-
-ATTENTION_FORMS = ("paper", "uncertainty")
-ENTROPY_UNITS = ("nats", "bits")
 
 
 def entropy_scale(unit: str) -> float:
