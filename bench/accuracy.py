@@ -24,7 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import REPO, write_report
+from report import write_report
+
+from tada_dist.jobs import REPO
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def summarise(rows: dict[str, list[dict]]) -> list[str]:
         accs = [r["target_acc"] for r in finished]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         per_seed = ", ".join(f"{r['target_acc']:.2f}" if "failed" not in r else "failed" for r in runs)
-        wall = statistics.mean(r.get("process_seconds", r["wall_seconds"]) for r in finished)
+        wall = statistics.mean(r.get("process_seconds") or r.get("wall_seconds") or r["train_seconds"] for r in finished)
         steps = finished[0].get("step", finished[0].get("steps"))
         spread = f" ± {std:.2f}" if len(accs) > 1 else " (one seed)"
         lines.append(f"| {label} | {statistics.mean(accs):.2f}{spread} | {per_seed} | {steps} | {wall:.0f} |")

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from bench_kernels import DTYPES, one_line_error, quantiles, synchronize
-from jobs import machine_description
+from timing import DTYPES, one_line_error, quantiles, synchronize
+from report import machine_description
 from tada_dist.losses import LossWeights, tada_objective
 from tada_dist.model import create_model
 from tada_dist.optim import create_optimizer

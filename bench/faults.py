@@ -21,7 +21,9 @@ from pathlib import Path
 
 import psutil
 import torch
-from jobs import Job, write_report
+from report import write_report
+
+from tada_dist.jobs import Job
 
 
 @dataclass

@@ -18,7 +18,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from jobs import Job, write_report
+from report import write_report
+
+from tada_dist.jobs import Job
 
 
 def main() -> None:

@@ -103,7 +103,7 @@ def check_resume(config: Config, world_size: int) -> int | None:
         manifest = checkpoint.read_manifest(ckpt_dir / tag)
     except (OSError, ValueError):
         return None  # an unreadable manifest: checkpoint.find_resumable falls back past it with a warning
-    ways_out = (f"train elsewhere with output_dir=..., or start over in this folder with checkpoint.resume=false")
+    ways_out = ("train elsewhere with output_dir=..., or start over in this folder with checkpoint.resume=false")
     saved, now = manifest["run"], run_record(config, world_size)
     differences = [f"{key} {saved[key]!r} there, {now.get(key)!r} now"
                    for key in sorted(saved) if saved[key] != now.get(key)]

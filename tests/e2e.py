@@ -1,25 +1,25 @@
-"""Helpers for the end-to-end tests: real tada-train / torchrun processes on generated data."""
+"""Helpers for the end-to-end tests: real tada-train / torchrun processes on generated data.
+
+Starting jobs, waiting for them and reading their MLflow record is tada_dist.jobs, shared with the
+benchmarks; this module adds what only tests need (a tiny model, an isolated dataset cache, asserted
+exit codes).
+"""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tada_dist.jobs import REPO, finish, job_environment, metric_history, start, wait_for
+
+__all__ = ["REPO", "metric_history", "process_env", "run", "start", "finish_with", "torchrun", "train_overrides",
+           "wait_for"]
 
 
 def process_env(tmp_path: Path, **extra: str) -> dict:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["TADA_DIST_CACHE"] = str(tmp_path / "cache")
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHON"] = sys.executable  # for launch/*.sh
-    env.update(extra)
-    return env
+    """A job's environment with the generated dataset cached inside the test's folder."""
+    return job_environment(TADA_DIST_CACHE=str(tmp_path / "cache"), **extra)
 
 
 def run(cmd: list[str], tmp_path: Path, *, expect: int = 0, timeout: int = 600, **extra_env: str
@@ -31,6 +31,13 @@ def run(cmd: list[str], tmp_path: Path, *, expect: int = 0, timeout: int = 600, 
         f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     )
     return result
+
+
+def finish_with(process: subprocess.Popen, log: Path, *, expect: int, timeout: int = 600) -> str:
+    """Wait for a started job and assert its exit code; its log."""
+    code, output = finish(process, log, timeout=timeout)
+    assert code == expect, f"exit {code}, expected {expect}:\n{output[-8000:]}"
+    return output
 
 
 def train_overrides(data_root: Path, run_dir: Path, db: Path, steps: int, *, every: int = 2) -> list[str]:
@@ -46,20 +53,3 @@ def train_overrides(data_root: Path, run_dir: Path, db: Path, steps: int, *, eve
 def torchrun(args: list[str], nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "tada_dist.train", *args]
-
-
-def metric_history(db: Path, run_id: str, key: str) -> list[tuple[int, float]]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
-def wait_for(condition, *, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the run ended (exit {process.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)

@@ -19,9 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from e2e import REPO, metric_history, process_env, run, train_overrides, wait_for
+from e2e import REPO, finish_with, metric_history, process_env, run, train_overrides, wait_for
 
-from tada_dist import checkpoint
+from tada_dist import checkpoint, jobs
 from tada_dist.distributed import free_port
 from tada_dist.data.synthetic import ensure_synthetic_dataset
 
@@ -89,20 +89,7 @@ def assert_checkpoints_complete(run_dir: Path, tags: list[int]) -> None:
 
 
 def start(cmd: list[str], tmp_path: Path, log: Path, **extra_env: str) -> subprocess.Popen:
-    handle = open(log, "w")
-    return subprocess.Popen(cmd, cwd=tmp_path, env=process_env(tmp_path, **extra_env), stdout=handle,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(process: subprocess.Popen, log: Path, *, expect: int, timeout: int = 600) -> str:
-    try:
-        code = process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    output = log.read_text(errors="replace")
-    assert code == expect, f"exit {code}, expected {expect}:\n{output[-8000:]}"
-    return output
+    return jobs.start(cmd, log, process_env(tmp_path, **extra_env), cwd=tmp_path)
 
 
 # -- several nodes ----------------------------------------------------------------------------------
@@ -116,7 +103,7 @@ def test_two_nodes_through_the_launch_script_match_one_node(data, reference, tmp
     nodes = [start([TORCHRUN, CONFIG, *job_overrides(data, run_dir, db)], tmp_path, tmp_path / f"node{rank}.log",
                    NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
              for rank in range(2)]
-    outputs = [finish(node, tmp_path / f"node{rank}.log", expect=0) for rank, node in enumerate(nodes)]
+    outputs = [finish_with(node, tmp_path / f"node{rank}.log", expect=0) for rank, node in enumerate(nodes)]
     assert "target accuracy" in outputs[0]
     record = run_record(db, run_dir)
     assert record["status"] == "FINISHED" and record["params"]["world_size"] == "2"
@@ -174,7 +161,7 @@ def test_two_nodes_with_their_own_addresses(data, reference, tmp_path, network_n
                            RDZV_ENDPOINT=endpoint, RDZV_ID=job_id,
                            GLOO_SOCKET_IFNAME=link, LOCAL_ADDR=address, RDZV_CONF=f"is_host={int(rank == 0)}"))
     for rank, node in enumerate(nodes):
-        finish(node, tmp_path / f"node{rank}.log", expect=0, timeout=300)
+        finish_with(node, tmp_path / f"node{rank}.log", expect=0, timeout=300)
     record = run_record(db, run_dir)
     assert record["status"] == "FINISHED" and record["params"]["world_size"] == "2"
     assert_matches_reference(record, reference)
@@ -198,7 +185,7 @@ def test_killed_worker_restarts_the_group_and_resumes_exactly(data, reference, t
     job = start([LOCAL, CONFIG, *job_overrides(data, run_dir, db)], tmp_path, log, NPROC_PER_NODE="2")
     wait_for(lambda: checkpoint.latest_step(run_dir) >= 10, timeout=300, what="the checkpoint of step 10", process=job)
     worker_with_rank(job, 0).kill()  # SIGKILL rank 0: the one that logs to MLflow
-    output = finish(job, log, expect=0)
+    output = finish_with(job, log, expect=0)
 
     assert "resuming from step" in output
     resumed_at = int(output.split("resuming from step ")[1].split()[0])
@@ -216,7 +203,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_the_same_command_resumes(data
     job = start(command, tmp_path, tmp_path / "first.log", NPROC_PER_NODE="2")
     wait_for(lambda: checkpoint.latest_step(run_dir) >= 10, timeout=300, what="the checkpoint of step 10", process=job)
     job.send_signal(signal.SIGTERM)  # to torchrun, as a scheduler would; it passes it to the workers
-    output = finish(job, tmp_path / "first.log", expect=1)  # torchrun itself reports the signal
+    output = finish_with(job, tmp_path / "first.log", expect=1)  # torchrun itself reports the signal
 
     assert "stopped by SIGTERM at step " in output
     stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
@@ -274,7 +261,7 @@ def test_slurm_script_requeues_before_the_time_limit_and_the_requeued_job_resume
     job = start(command, tmp_path, tmp_path / "first.log", **slurm)
     wait_for(lambda: checkpoint.latest_step(run_dir) >= 10, timeout=300, what="the checkpoint of step 10", process=job)
     job.send_signal(signal.SIGUSR1)
-    output = finish(job, tmp_path / "first.log", expect=1)  # the torchrun agents report the SIGTERM
+    output = finish_with(job, tmp_path / "first.log", expect=1)  # the torchrun agents report the SIGTERM
     assert requeues.read_text() == "requeue 4242\n"
     stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert checkpoint.latest_step(run_dir) == stopped_at < STEPS

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .options import BACKBONES, RESNETS
+from .options import BACKBONES
 
 
 class ModelError(ValueError):
