@@ -58,9 +58,12 @@ def deepspeed_output() -> Iterator[None]:
     pointing at stderr; unless TADA_DIST_VERBOSE=1, a filter (set before the import, which already
     logs) lets only its errors through, and prints inside this block are dropped."""
     verbose = os.environ.get(VERBOSE_ENV) == "1"
-    deepspeed_logger = logging.getLogger("DeepSpeed")
-    if not verbose and _errors_only not in deepspeed_logger.filters:
-        deepspeed_logger.addFilter(_errors_only)
+    # DeepSpeed's own logger, and torch's note (on every machine without CUDA) when DeepSpeed loads its
+    # CPU communication op.
+    for name in ("DeepSpeed", "torch.utils.cpp_extension"):
+        chatty = logging.getLogger(name)
+        if not verbose and _errors_only not in chatty.filters:
+            chatty.addFilter(_errors_only)
     target = sys.stderr if verbose else open(os.devnull, "w")
     try:
         with contextlib.redirect_stdout(target):

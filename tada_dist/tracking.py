@@ -7,6 +7,7 @@ its checkpoint and keeps logging into the same MLflow run.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -71,6 +72,8 @@ class Tracker:
             return
         import mlflow
 
+        if os.environ.get("TADA_DIST_VERBOSE") != "1":  # not "Creating initial MLflow database tables..."
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
         mlflow.set_tracking_uri(self.uri)
         if mlflow.get_experiment_by_name(self.experiment) is None:
             mlflow.create_experiment(self.experiment, artifact_location=_artifact_root(self.uri))

@@ -98,8 +98,6 @@ def frozen_optimizer(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 class Trainer:
     def __init__(self, config: Config, hooks: StepHooks | None = None):
-        import deepspeed
-
         self.config = config
         self.hooks = hooks or StepHooks()
         self.dist = init_distributed(config.distributed.backend)
@@ -130,6 +128,8 @@ class Trainer:
         )
         self.ds_config = deepspeed_config(config, self.dist.world_size)
         with deepspeed_output():
+            import deepspeed
+
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
             )

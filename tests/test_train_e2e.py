@@ -27,6 +27,8 @@ def test_torchrun_two_processes_trains_tracks_and_resumes(tiny_data, tmp_path):
     assert 0.0 <= metrics["target_acc"] <= 100.0
     run_id = metrics["mlflow_run_id"]
     assert "target accuracy" in first.stdout and "mlflow ui --backend-store-uri" in first.stdout
+    mlflow_program = first.stdout.split("open the UI with:\n")[1].split()[0]
+    assert (tmp_path / mlflow_program).is_file()  # runnable as printed, from the folder the run started in
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000004"
     assert (run_dir / "config.yaml").is_file() and (run_dir / "deepspeed_config.json").is_file()
 
