@@ -84,7 +84,7 @@ def create_train_loaders(config: Config, source: Domain, target: Domain, dist_in
     data = config.data
     common = dict(batch_size=data.batch_size, transform=transform_from_config(config, ten_crop=False),
                   rank=dist_info.rank, world_size=dist_info.world_size, backend=data.loader,
-                  device=loader_device(config, dist_info), num_threads=data.num_threads)
+                  device=loader_device(config, dist_info), num_threads=data.num_threads, cache=data.cache)
     return (create_train_loader(source, seed=config.seed, **common),
             create_train_loader(target, seed=config.seed + 1, **common))
 
@@ -95,7 +95,7 @@ def create_evaluation_loader(config: Config, domain: Domain, dist_info: DistInfo
     return create_eval_loader(
         domain, batch_size=batch_size or data.eval_batch_size, transform=transform_from_config(config, ten_crop=ten_crop),
         rank=dist_info.rank, world_size=dist_info.world_size, backend=data.loader,
-        device=loader_device(config, dist_info), num_threads=data.num_threads,
+        device=loader_device(config, dist_info), num_threads=data.num_threads, cache=data.cache,
     )
 
 

@@ -89,6 +89,9 @@ class DataConfig:
         default=False, metadata={"doc": "evaluate on the average prediction of ten crops (corners, centre, mirrored)"}
     )
     num_threads: int = _non_negative(2, "DALI decoding threads, or torch DataLoader workers (0: main process)")
+    cache: bool = field(default=False, metadata={
+        "doc": "decode every image once and keep the domains in memory (small datasets such as digits); "
+               "crops and flips are still drawn per batch"})
     skip_corrupt: bool = field(default=False, metadata={"doc": "drop unreadable images with a warning"})
 
 

@@ -31,7 +31,12 @@ from tada_dist.data import (
 )
 from tada_dist.data.transforms import RandomCrops
 
-BACKENDS = ("dali", "torch")
+BACKENDS = ("dali", "torch", "memory")  # memory: the torch backend with data.cache (decoded once)
+
+
+def backend_args(backend: str) -> dict:
+    """The factory arguments of a backend name."""
+    return {"backend": "torch", "cache": True} if backend == "memory" else {"backend": backend}
 # Mean 0 and std 1 leave pixel values in [0, 1], so the id in the red channel reads back exactly.
 IDENTITY_NORMALIZE = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
@@ -291,13 +296,13 @@ def twelve_id_images(tmp_path) -> Domain:
 def _train_loader(domain: Domain, backend: str, *, batch_size: int = 4, rank: int = 0, world_size: int = 1, **spec):
     transform = TransformSpec(**{"resize": 10, "crop": 8, "flip": True, **IDENTITY_NORMALIZE, **spec})
     return create_train_loader(domain, batch_size=batch_size, transform=transform, rank=rank, world_size=world_size,
-                               seed=5, backend=backend, num_threads=1)
+                               seed=5, **backend_args(backend), num_threads=1)
 
 
 def _eval_loader(domain: Domain, backend: str, *, batch_size: int, rank: int = 0, world_size: int = 1, **spec):
     transform = TransformSpec(**{"resize": 10, "crop": 8, "flip": True, **IDENTITY_NORMALIZE, **spec})
     return create_eval_loader(domain, batch_size=batch_size, transform=transform, rank=rank, world_size=world_size,
-                              backend=backend, num_threads=1)
+                              **backend_args(backend), num_threads=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -316,7 +321,7 @@ def test_train_batches_are_normalized_with_mean_and_std_in_unit_range(tmp_path, 
     write_png(tmp_path / "dom" / "only" / "0.png", (255, 128, 0))
     spec = TransformSpec(resize=10, crop=8, flip=True)
     loader = create_train_loader(load_domain(tmp_path / "dom"), batch_size=2, transform=spec, rank=0, world_size=1,
-                                 seed=0, backend=backend, num_threads=1)
+                                 seed=0, **backend_args(backend), num_threads=1)
     images, _ = next(loader)
     expected = (torch.tensor([255, 128, 0]) / 255.0 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
     assert torch.allclose(images.mean(dim=(0, 2, 3)), expected, atol=0.02)
@@ -419,15 +424,16 @@ def test_dali_and_torch_eval_agree(tmp_path):
 
     def one_pass(backend: str, resize: int, crop: int) -> torch.Tensor:
         loader = create_eval_loader(domain, batch_size=4, transform=TransformSpec(resize=resize, crop=crop, flip=False),
-                                    rank=0, world_size=1, backend=backend, num_threads=1)
+                                    rank=0, world_size=1, **backend_args(backend), num_threads=1)
         return torch.cat([images for images, _ in loader])
 
     # Without resizing both backends must match to rounding; with resizing the interpolations differ slightly.
-    unscaled = [one_pass(backend, resize=16, crop=16) for backend in BACKENDS]
+    unscaled = [one_pass(backend, resize=16, crop=16) for backend in ("dali", "torch")]
     noise_images = slice(0, None, 2)
     assert torch.allclose(unscaled[0][noise_images], unscaled[1][noise_images], atol=1e-4)
-    rescaled = [one_pass(backend, resize=12, crop=10) for backend in BACKENDS]
+    rescaled = [one_pass(backend, resize=12, crop=10) for backend in ("dali", "torch", "memory")]
     assert (rescaled[0] - rescaled[1]).abs().mean() < 0.05
+    assert torch.equal(rescaled[2], rescaled[1])  # the same torchvision resize, pixel for pixel
 
 
 def test_loader_factories_reject_unknown_settings(twelve_id_images):
@@ -489,12 +495,13 @@ def test_dali_and_torch_train_batches_agree_crop_for_crop(tmp_path):
 
     def batches(backend: str) -> list[torch.Tensor]:
         loader = create_train_loader(domain, batch_size=4, transform=spec, rank=0, world_size=1, seed=9,
-                                     backend=backend, num_threads=1)
+                                     **backend_args(backend), num_threads=1)
         return [next(loader)[0] for _ in range(3)]
 
-    dali, torchvision = batches("dali"), batches("torch")
-    for dali_images, torch_images in zip(dali, torchvision):
+    dali, torchvision, memory = batches("dali"), batches("torch"), batches("memory")
+    for dali_images, torch_images, memory_images in zip(dali, torchvision, memory):
         torch.testing.assert_close(dali_images, torch_images, atol=1e-5, rtol=0)
+        assert torch.equal(memory_images, torch_images)
 
     # The crops really are random: one image repeated through a batch is cut in different places.
     (tmp_path / "one" / "c").mkdir(parents=True)
@@ -572,10 +579,11 @@ def test_dali_and_torch_random_resized_crops_cut_the_same_windows(tmp_path):
 
     def batch(backend: str) -> torch.Tensor:
         loader = create_train_loader(domain, batch_size=8, transform=spec, rank=0, world_size=1, seed=2,
-                                     backend=backend, num_threads=1)
+                                     **backend_args(backend), num_threads=1)
         return next(loader)[0]
 
     dali, torchvision = batch("dali"), batch("torch")
+    assert torch.equal(batch("memory"), torchvision)
     assert dali.shape == torchvision.shape == (8, 3, 16, 16)
     assert (dali - torchvision).abs().mean() < 0.02
     assert dali.mean(dim=(2, 3))[:, :2].std(dim=0).min() > 0.02  # the windows differ from image to image

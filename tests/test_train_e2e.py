@@ -253,3 +253,16 @@ def test_progress_is_plain_lines_and_eval_json_is_alone_on_stdout(tiny_data, tmp
     assert "DeepSpeed" not in result.stdout and "[INFO]" not in result.stdout + result.stderr
     evaluation = run([sys.executable, "-m", "tada_dist.evaluate", "--checkpoint", str(run_dir), "--json"], tmp_path)
     assert len(evaluation.stdout.splitlines()) == 1 and json.loads(evaluation.stdout)["step"] == 3
+
+
+def test_cached_domains_train_exactly_like_the_torch_loader(tiny_data, tmp_path):
+    """data.cache decodes once and cuts batches from memory; the batches, so the run, are the same."""
+    db = tmp_path / "mlflow.db"
+    histories = {}
+    for name, settings in (("torch", ["data.loader=torch", "data.num_threads=0"]), ("cache", ["data.cache=true"])):
+        run_dir = tmp_path / name
+        overrides = [*train_overrides(tiny_data, run_dir, db, steps=4), *settings, "model.discriminator_dropout=0"]
+        run([sys.executable, "-m", "tada_dist.train", *overrides], tmp_path)
+        run_id = json.loads((run_dir / "metrics.json").read_text())["mlflow_run_id"]
+        histories[name] = {key: metric_history(db, run_id, key) for key in ("loss", "target_acc")}
+    assert histories["cache"] == histories["torch"]

@@ -12,22 +12,26 @@ from tada_dist.data.transforms import TransformSpec
 
 
 def create_train_loader(domain: Domain, *, batch_size: int, transform: TransformSpec, rank: int, world_size: int,
-                        seed: int, backend: str = "dali", device: str = "cpu", num_threads: int = 2) -> TrainLoader:
-    """`device="gpu"` decodes on the current CUDA device (DALI) and returns CUDA tensors."""
-    train_loader_class, _ = _loader_classes(backend, device, num_threads)
+                        seed: int, backend: str = "dali", device: str = "cpu", num_threads: int = 2,
+                        cache: bool = False) -> TrainLoader:
+    """`device="gpu"` decodes on the current CUDA device (DALI) and returns CUDA tensors; `cache` decodes
+    the domain once into memory instead of reading files during training (memory_loader.py)."""
+    train_loader_class, _ = _loader_classes(backend, device, num_threads, cache)
     sampler = ShardedSampler(len(domain.files), batch_size, rank=rank, world_size=world_size, seed=seed)
     return train_loader_class(domain, sampler, transform, device=device, num_threads=num_threads)
 
 
 def create_eval_loader(domain: Domain, *, batch_size: int, transform: TransformSpec, rank: int, world_size: int,
-                       backend: str = "dali", device: str = "cpu", num_threads: int = 2) -> EvalLoader:
-    """Evaluation ignores `transform.flip` and crops the centre."""
-    _, eval_loader_class = _loader_classes(backend, device, num_threads)
+                       backend: str = "dali", device: str = "cpu", num_threads: int = 2,
+                       cache: bool = False) -> EvalLoader:
+    """Evaluation ignores `transform.flip` and crops the centre (or the ten views of transform.ten_crop)."""
+    _, eval_loader_class = _loader_classes(backend, device, num_threads, cache)
     return eval_loader_class(domain, transform, batch_size=batch_size, rank=rank, world_size=world_size,
                              device=device, num_threads=num_threads)
 
 
-def _loader_classes(backend: str, device: str, num_threads: int) -> tuple[type[TrainLoader], type[EvalLoader]]:
+def _loader_classes(backend: str, device: str, num_threads: int, cache: bool = False
+                    ) -> tuple[type[TrainLoader], type[EvalLoader]]:
     # Backends are imported on demand: DALI is optional when the torch backend is used.
     if backend not in BACKENDS:
         raise ValueError(f"unknown data loader backend {backend!r} (expected one of {', '.join(BACKENDS)})")
@@ -35,6 +39,10 @@ def _loader_classes(backend: str, device: str, num_threads: int) -> tuple[type[T
         raise ValueError(f"unknown data loader device {device!r} (expected one of {', '.join(DEVICES)})")
     if device == "gpu" and not torch.cuda.is_available():
         raise DataError("data loader device 'gpu' needs CUDA, which is not available here (use device 'cpu')")
+    if cache:
+        from tada_dist.data.memory_loader import MemoryEvalLoader, MemoryTrainLoader
+
+        return MemoryTrainLoader, MemoryEvalLoader
     minimum_threads = 1 if backend == "dali" else 0
     if num_threads < minimum_threads:
         raise DataError(f"data loader num_threads must be >= {minimum_threads} for '{backend}', got {num_threads}")
