@@ -51,9 +51,9 @@ def _fraction(default: float, doc: str = "") -> Any:
     return field(default=default, metadata={"min": 0.0, "max_exclusive": 1.0, "doc": doc})
 
 
-def _auto_or_positive(doc: str) -> Any:
-    """A number > 0, or "auto" for a value derived from the rest of the config (see resolve)."""
-    return field(default="auto", metadata={"auto": True, "min_exclusive": 0, "doc": doc})
+def _auto(value_type: type, doc: str, **checks: Any) -> Any:
+    """A value of `value_type` passing `checks`, or "auto" for one derived from the rest of the config (see resolve)."""
+    return field(default="auto", metadata={"auto": value_type, **checks, "doc": doc})
 
 
 def _rgb(default: tuple[float, float, float], doc: str, *, positive: bool = False) -> Any:
@@ -132,8 +132,9 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = _positive(0.01, "backbone learning rate at step 0")
-    new_layer_mult: float | str = _auto_or_positive(
-        "learning-rate multiplier of the layers above a pretrained backbone; auto: 10 with model.pretrained, else 1"
+    new_layer_mult: float | str = _auto(
+        float, "learning-rate multiplier of the layers above a pretrained backbone; auto: 10 with model.pretrained, else 1",
+        min_exclusive=0,
     )
     momentum: float = _fraction(0.95, "SGD momentum (the paper: 0.95)")
     weight_decay: float = _non_negative(5e-4, "SGD weight decay (L2), on every parameter")
@@ -161,7 +162,9 @@ class TrainConfig:
 @dataclass
 class DistributedConfig:
     backend: str = _choice("auto", ("auto", "gloo", "nccl"), "auto: nccl with CUDA, gloo otherwise")
-    zero_stage: int = _choice(0, (0, 1, 2), "DeepSpeed ZeRO stage")
+    zero_stage: int | str = _auto(
+        int, "DeepSpeed ZeRO stage, 0, 1 or 2; auto: 1 with bf16 (DeepSpeed's fused BF16 optimizer, fp32 gradient "
+             "accumulation), else 0", choices=(0, 1, 2))
     precision: str = _choice("fp32", ("fp32", "bf16"), "training precision (bf16: DeepSpeed's bf16 mode)")
     grad_accum: int = _positive(1, "micro-steps per optimizer step")
 
@@ -277,7 +280,7 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
     if meta.get("auto"):
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
-        tp = float
+        tp = meta["auto"]
     optional = False
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -295,11 +298,13 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
             raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
     elif tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+            expected = "an integer or auto" if meta.get("auto") else "an integer"
+            raise ConfigError(f"config key '{key}' must be {expected}, got {value!r}")
         try:
             converted = int(value)
         except ValueError:
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}") from None
+            expected = "an integer or auto" if meta.get("auto") else "an integer"
+            raise ConfigError(f"config key '{key}' must be {expected}, got {value!r}") from None
     elif tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
@@ -407,6 +412,12 @@ def resolve(config: Config, world_size: int | None = None) -> Config:
     config = dataclasses.replace(config, data=dataclasses.replace(config.data), optim=dataclasses.replace(config.optim))
     if config.optim.new_layer_mult == "auto":
         config.optim.new_layer_mult = 10.0 if config.model.pretrained else 1.0
+    if config.distributed.zero_stage == "auto":
+        # bf16 with ZeRO-0 gets DeepSpeed's unfused fp16-style optimizer, which checks every parameter
+        # for overflow on the host; ZeRO-1 with fp32 gradient accumulation gets the flat BF16 optimizer.
+        config.distributed = dataclasses.replace(
+            config.distributed, zero_stage=1 if config.distributed.precision == "bf16" else 0
+        )
     config.data.root = os.path.abspath(config.data.root) if config.data.root else str(default_data_root())
     output_dir = config.output_dir or default_output_dir(
         config.data.source, config.data.target, config.method, config.seed, world_size

@@ -195,7 +195,8 @@ class Trainer:
             (self.output_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2))
         if run_id is None:
             self.tracker.log_params({**flatten(to_dict(config)), "world_size": self.dist.world_size,
-                                     "global_batch": self.global_batch()})
+                                     "global_batch": self.global_batch(),
+                                     "deepspeed_optimizer": type(self.optimizer).__name__})
             self.tracker.log_artifact(self.output_dir / "config.yaml")
             self.tracker.log_artifact(self.output_dir / "deepspeed_config.json")
 

@@ -71,6 +71,7 @@ def test_unknown_key_in_yaml(tmp_path):
         ("train.steps=abc", "'train.steps' must be an integer, got 'abc'"),
         ("data.flip=maybe", "'data.flip' must be true or false"),
         ("distributed.zero_stage=3", "allowed: 0, 1, 2"),
+        ("distributed.zero_stage=some", "must be an integer or auto"),
         ("model.discriminator_dropout=1.0", "expected < 1.0"),
         ("model.dropout=0.5", "'model.dropout' was replaced by model.discriminator_dropout and model.bottleneck_dropout"),
         ("optim.new_layer_mult=fast", "'optim.new_layer_mult' must be a number or auto, got 'fast'"),

@@ -325,14 +325,16 @@ def saved_state(run_dir: Path, step: int) -> list[torch.Tensor]:
     return tensors_of(states["module"]) + tensors_of(optimizer or states["optimizer"])
 
 
-def test_nan_steps_are_skipped_without_changing_any_state(data, tmp_path):
-    """ZeRO-2, bf16 and two accumulation micro-steps of which only the second is NaN: the gradients of
-    the first are already accumulated and must be dropped, the hardest case for a clean skip."""
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_nan_steps_are_skipped_without_changing_any_state(data, tmp_path, zero_stage):
+    """bf16 (ZeRO-1: DeepSpeed's BF16 optimizer; ZeRO-2: its ZeRO optimizer) and two accumulation
+    micro-steps of which only the second is NaN: the gradients of the first are already accumulated
+    and must be dropped, the hardest case for a clean skip."""
     injector = tmp_path / "inject_nan.py"
     injector.write_text(NAN_INJECTOR)
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
-    overrides = [*train_overrides(data, run_dir, db, 5, every=1), "checkpoint.keep=0", "distributed.zero_stage=2",
-                 "distributed.precision=bf16", "distributed.grad_accum=2"]
+    overrides = [*train_overrides(data, run_dir, db, 5, every=1), "checkpoint.keep=0",
+                 f"distributed.zero_stage={zero_stage}", "distributed.precision=bf16", "distributed.grad_accum=2"]
     result = run([sys.executable, str(injector), *overrides], tmp_path, NAN_STEPS="3", NAN_MICROSTEP="2")
     assert "step 3: loss is NaN/inf on some rank; step skipped (1 in a row, 1 in this run)" in result.stdout + result.stderr
 

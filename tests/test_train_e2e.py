@@ -95,7 +95,7 @@ def test_zero1_bf16_with_accumulation_trains_and_resumes(tiny_data, tmp_path):
     """ZeRO stage, precision and accumulation reach DeepSpeed from our config alone; the global batch
     is per-rank batch x ranks x accumulation, and schedules count optimizer steps."""
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
-    settings = ["distributed.zero_stage=1", "distributed.precision=bf16", "distributed.grad_accum=2"]
+    settings = ["distributed.precision=bf16", "distributed.grad_accum=2"]  # zero_stage auto: 1 with bf16
     first = run([sys.executable, "-m", "tada_dist.train", *train_overrides(tiny_data, run_dir, db, 2), *settings],
                 tmp_path)
     assert "global batch 8 per domain = 4 per rank x 1 ranks x 2 accumulation" in first.stdout
@@ -112,6 +112,9 @@ def test_zero1_bf16_with_accumulation_trains_and_resumes(tiny_data, tmp_path):
 
     params = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(metrics["mlflow_run_id"]).data.params
     assert params["global_batch"] == "8" and params["world_size"] == "1"
+    # The fast path: DeepSpeed's flat BF16 optimizer, not its unfused fp16-style one (ZeRO-0 with bf16).
+    assert params["distributed.zero_stage"] == "1" and params["deepspeed_optimizer"] == "BF16_Optimizer"
+    assert generated["data_types"] == {"grad_accum_dtype": "fp32"}
     # The LR schedule advanced once per optimizer step, not per micro-step: lr_3 = lr_0 (1 + 10 p)^-0.75.
     [(step, lr)] = [(s, v) for s, v in metric_history(db, metrics["mlflow_run_id"], "lr") if s == 3]
     assert lr == pytest.approx(0.01 * (1 + 10 * 3 / 3) ** -0.75, rel=1e-6)
