@@ -150,6 +150,19 @@ def test_grouped_mlp_dropout_zero_in_training_equals_eval_and_eager():
     torch.testing.assert_close(trained, grouped_mlp(x, *weights, backend="eager"), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compiled kernels: needs a CUDA device")
+def test_new_dropout_seeds_do_not_compile_new_kernels():
+    from tada_kernels.ops import grouped_mlp as op
+
+    x = torch.randn(16, 3, 64, device=DEVICE, requires_grad=True)
+    weights = [w.to(DEVICE).requires_grad_() for w in make_weights(3, 64, 32)]
+    for seed in (1, 16, 2**20 + 7, 2**30 - 1, 123456789):
+        grouped_mlp(x, *weights, dropout=0.3, training=True, seed=seed, backend="triton").sum().backward()
+    for kernel in (op._layer_forward_kernel, op._projection_backward_kernel):
+        compiled = sum(len(kernel_cache) for kernel_cache, *_ in kernel.device_caches.values())
+        assert compiled <= 2, f"{kernel.fn.__name__} compiled {compiled} variants for 5 seeds"  # the two layers
+
+
 def test_grouped_mlp_dropout_is_reproducible_from_its_seed():
     _, x = make_regions(7, 3, 96, "contiguous", torch.float32)
     weights = make_weights(3, 96, 40)

@@ -35,6 +35,11 @@ from torch import Tensor
 
 from ..backend import interpreting, operand_dtype, resolve_backend, storage_dtype
 
+# Triton specialises integer arguments on their value (== 1, divisible by 16) and width; a dropout seed
+# that did so would compile a new kernel for many new seeds in the middle of training. The seed is
+# therefore not specialised, and kept below 2**30 so that 2 * seed + 1 always passes as an int32.
+_SEED_RANGE = 2**30
+
 
 def grouped_mlp(
     x: Tensor,
@@ -65,8 +70,8 @@ def grouped_mlp(
         if drop > 0.0 and seed is None:
             # From the global CPU generator, which checkpoints save and restore: resumed runs redraw
             # the same masks, and no GPU sync is needed to read the seed.
-            seed = int(torch.randint(2**31, (1,)))
-        return _GroupedMLP.apply(x, w1, b1, w2, b2, w3, b3, drop, seed or 0)
+            seed = int(torch.randint(_SEED_RANGE, (1,)))
+        return _GroupedMLP.apply(x, w1, b1, w2, b2, w3, b3, drop, (seed or 0) % _SEED_RANGE)
     return _grouped_mlp_eager(x, w1, b1, w2, b2, w3, b3, drop, seed)
 
 
@@ -132,7 +137,7 @@ def _dense_relu_dropout(
     return tl.where(active, z * scale, 0.0), active
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _layer_forward_kernel(
     in_ptr, in_sk, in_sb, in_sc, w_ptr, bias_ptr, out_ptr, proj_ptr, proj_bias_ptr,
     B, K, C_IN, H, seed, p, scale,
@@ -160,7 +165,7 @@ def _layer_forward_kernel(
         tl.store(out, act.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _projection_backward_kernel(
     a1_ptr, w2_ptr, b2_ptr, w3_ptr, grad_ptr, dz2_ptr, dw3_partial_ptr,
     B, K, H, seed, p, scale,
