@@ -587,3 +587,17 @@ def test_dali_and_torch_random_resized_crops_cut_the_same_windows(tmp_path):
     assert dali.shape == torchvision.shape == (8, 3, 16, 16)
     assert (dali - torchvision).abs().mean() < 0.02
     assert dali.mean(dim=(2, 3))[:, :2].std(dim=0).min() > 0.02  # the windows differ from image to image
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_batches_hold_the_same_pixels_in_nhwc_memory(twelve_id_images, backend):
+    """The GPU fast path: batches come channels-last (DALI writes HWC), values unchanged."""
+    plain = _train_loader(twelve_id_images, backend)
+    nhwc = _train_loader(twelve_id_images, backend, channels_last=True)
+    for _ in range(2):
+        expected, got = next(plain)[0], next(nhwc)[0]
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+        assert torch.equal(got, expected)
+    [(views, _)] = list(_eval_loader(twelve_id_images, backend, batch_size=12, ten_crop=True, channels_last=True))
+    [(centre, _)] = list(_eval_loader(twelve_id_images, backend, batch_size=12))
+    assert views.shape == (12, 10, 3, 8, 8) and torch.equal(views[:, 4], centre)

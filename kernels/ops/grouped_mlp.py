@@ -25,7 +25,8 @@ the unit was both active and kept). The eager backend draws its masks with torch
 backends agree exactly only without dropout.
 
 x is read through its strides, so the channels-last view of the backbone's map
-(f.flatten(2).transpose(1, 2)) costs no copy, and dx comes back with x's strides.
+(f.flatten(2).transpose(1, 2)) costs no copy, and dx comes back with x's strides. Any other layout
+(an NCHW map's view strides C by H*W, which would make every load scalar) is first copied contiguous.
 """
 
 import torch
@@ -71,6 +72,10 @@ def grouped_mlp(
             # From the global CPU generator, which checkpoints save and restore: resumed runs redraw
             # the same masks, and no GPU sync is needed to read the seed.
             seed = int(torch.randint(_SEED_RANGE, (1,)))
+        if x.stride(2) != 1:
+            # An NCHW feature map's [B, K, C] view strides C by H*W: the tiles' loads would be scalar.
+            # One copy contiguous in C costs less than that, and autograd returns dx in x's layout.
+            x = x.contiguous()
         return _GroupedMLP.apply(x, w1, b1, w2, b2, w3, b3, drop, (seed or 0) % _SEED_RANGE)
     return _grouped_mlp_eager(x, w1, b1, w2, b2, w3, b3, drop, seed)
 

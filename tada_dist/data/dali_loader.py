@@ -44,7 +44,7 @@ class DaliTrainLoader(TrainLoader):
 
     def _produce_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self._pipeline.run()
-        return _to_torch(images, torch.float32, self._device), _to_torch(labels, torch.int64, self._device)
+        return _images(images, self._transform, self._device), _to_torch(labels, torch.int64, self._device)
 
     def _restart(self) -> None:
         # A fresh pipeline is the only way to drop DALI's prefetched batches.
@@ -98,7 +98,7 @@ class DaliEvalLoader(EvalLoader):
                 images, labels = pipeline.run()
             except StopIteration:
                 return
-            yield _to_torch(images, torch.float32, self._device), _to_torch(labels, torch.int64, self._device)
+            yield _images(images, self._transform, self._device), _to_torch(labels, torch.int64, self._device)
 
     def _read_batch(self, batch_info: types.BatchInfo) -> EncodedBatch:
         start = batch_info.iteration * self.batch_size
@@ -128,7 +128,7 @@ def _build_pipeline(source: Callable, *, batch_info: bool, batch_size: int, tran
         prefetch_queue_depth=_PREFETCH_DEPTH,
     )
     normalize = dict(mean=[255.0 * m for m in transform.mean], std=[255.0 * s for s in transform.std],
-                     dtype=types.FLOAT, output_layout="CHW")
+                     dtype=types.FLOAT, output_layout="HWC" if transform.channels_last else "CHW")
     with pipeline:
         if train:
             encoded, labels, placement_a, placement_b, mirror = fn.external_source(
@@ -163,6 +163,15 @@ def _build_pipeline(source: Callable, *, batch_info: bool, batch_size: int, tran
         pipeline.set_outputs(images, labels)
     pipeline.build()
     return pipeline
+
+
+def _images(batch: TensorListCPU | TensorListGPU, transform: TransformSpec, device: str) -> torch.Tensor:
+    """A batch of images as [b, 3, s, s] (or [b, views, 3, s, s]); with transform.channels_last DALI wrote
+    them HWC, which the permute turns into a channels-last view without a copy."""
+    images = _to_torch(batch, torch.float32, device)
+    if transform.channels_last:
+        images = images.movedim(-1, -3)
+    return images
 
 
 def _to_torch(batch: TensorListCPU | TensorListGPU, dtype: torch.dtype, device: str) -> torch.Tensor:

@@ -62,7 +62,8 @@ def normalize(batch: torch.Tensor, transform: TransformSpec) -> torch.Tensor:
     mean = torch.tensor(transform.mean).view(1, 3, 1, 1)
     std = torch.tensor(transform.std).view(1, 3, 1, 1)
     # Multiplied by 1/255 as torchvision's to_dtype does, so that the pixels equal the torch loader's bit for bit.
-    return ((batch.permute(0, 3, 1, 2).float() * (1.0 / 255) - mean) / std).contiguous()
+    images = (batch.permute(0, 3, 1, 2).float() * (1.0 / 255) - mean) / std
+    return images.contiguous(memory_format=torch.channels_last if transform.channels_last else torch.contiguous_format)
 
 
 def cut(images: DecodedDomain, indices: list[int], xs, ys, size: int) -> torch.Tensor:

@@ -42,6 +42,11 @@ def transform_image(image: Image.Image, spec: TransformSpec, crop: Crop | None) 
     return _normalize(F.center_crop(pixels, [spec.crop, spec.crop]), spec)
 
 
+def memory_format(images: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
+    """A batch [b, 3, s, s] in channels-last memory format when the transform asks for it."""
+    return images.contiguous(memory_format=torch.channels_last) if spec.channels_last and images.dim() == 4 else images
+
+
 def _place_crop(pixels: torch.Tensor, size: int, x: float, y: float, flip: int) -> torch.Tensor:
     """A size x size crop at fractions (x, y) of the room left around it (DALI's crop_pos_x/y)."""
     height, width = pixels.shape[-2:]
@@ -82,7 +87,8 @@ class TorchTrainLoader(TrainLoader):
 
     def _produce_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = next(self._batches)
-        return images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
+        return memory_format(images, self._transform).to(self._device, non_blocking=True), \
+            labels.to(self._device, non_blocking=True)
 
     def _restart(self) -> None:
         # A new DataLoader iterator drops what the workers prefetched.
@@ -115,6 +121,7 @@ class TorchEvalLoader(EvalLoader):
     def __init__(self, domain: Domain, transform: TransformSpec, *, batch_size: int, rank: int, world_size: int,
                  device: str, num_threads: int):
         super().__init__(domain, batch_size=batch_size, rank=rank, world_size=world_size)
+        self._transform = transform
         self._device = torch_device(device)
         self._loader = DataLoader(
             ImageDataset(self.files, self.labels, transform), batch_size=batch_size,
@@ -123,4 +130,5 @@ class TorchEvalLoader(EvalLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self._loader:
-            yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
+            yield memory_format(images, self._transform).to(self._device, non_blocking=True), \
+                labels.to(self._device, non_blocking=True)

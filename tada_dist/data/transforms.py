@@ -44,6 +44,7 @@ class TransformSpec:
     resize_mode: str = "shorter"  # see RESIZE_MODES
     train_crop: str = "random"  # see TRAIN_CROPS
     ten_crop: bool = False  # evaluation only: ten views per image instead of the centre crop
+    channels_last: bool = False  # batches in channels-last memory format (NHWC strides), the GPU fast path
 
     def __post_init__(self) -> None:
         if self.resize < 1 or self.crop < 1:
