@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 import tada_kernels
 from tada_dist import checkpoint
@@ -227,21 +228,26 @@ class Trainer:
         statistics = [buffer.detach().clone() for buffer in self.model.buffers()]
         finite = True
         for micro_step in range(1, config.distributed.grad_accum + 1):
-            source_images, source_labels = next(self.source_loader)
-            target_images = self._inputs(next(self.target_loader)[0], micro_step) if self.adapts else None
-            outputs = self.engine(self._inputs(source_images, micro_step), target_images)
-            loss, terms = tada_objective(
-                outputs, source_labels.to(self.dist.device), self.loss_weights, method=config.method,
-                detach_attention=config.model.detach_attention, entropy_unit=config.model.entropy_unit,
-                backend=config.kernels.backend,
-            )
-            # One all-reduce answers both questions every rank must answer alike: skip? stop?
-            nonfinite, stop = any_rank([not bool(torch.isfinite(loss)), self.stop.requested], self.dist.device)
+            with record_function("data"):
+                source_images, source_labels = next(self.source_loader)
+                target_images = self._inputs(next(self.target_loader)[0], micro_step) if self.adapts else None
+                source_images = self._inputs(source_images, micro_step)
+            with record_function("forward"):
+                outputs = self.engine(source_images, target_images)
+                loss, terms = tada_objective(
+                    outputs, source_labels.to(self.dist.device), self.loss_weights, method=config.method,
+                    detach_attention=config.model.detach_attention, entropy_unit=config.model.entropy_unit,
+                    backend=config.kernels.backend,
+                )
+            with record_function("agree"):  # one all-reduce answers what every rank must answer alike
+                nonfinite, stop = any_rank([not bool(torch.isfinite(loss)), self.stop.requested], self.dist.device)
             self.stop_agreed = self.stop_agreed or stop
             finite = finite and not nonfinite
             if finite:
-                self.engine.backward(loss)
-                self.engine.step()
+                with record_function("backward"):
+                    self.engine.backward(loss)
+                with record_function("optimizer"):
+                    self.engine.step()
                 continue
             self.engine.backward(zero_gradient_loss(self.model))
             if self.engine.is_gradient_accumulation_boundary():
