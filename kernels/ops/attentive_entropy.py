@@ -126,7 +126,7 @@ def _launch_settings() -> dict:
     # A batch of logits is small (64 images x up to a few hundred classes): one warp group per tile.
     if interpreting():
         return dict(BLOCK_N=16, BLOCK_C=32)
-    return dict(BLOCK_N=32, BLOCK_C=128, num_warps=4)
+    return dict(BLOCK_N=32, BLOCK_C=128, num_warps=8)
 
 
 class _AttentiveEntropy(torch.autograd.Function):
