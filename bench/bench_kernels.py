@@ -14,7 +14,8 @@ Kernels and their providers (the first named per kernel is the baseline of the "
     attentive_entropy  eager, triton
 
 Modes: forward (autograd recording, as in training), backward (of a recorded graph) and full (both).
-Dropout is off for every provider. Each measurement reports time (median, p20, p80 over repeated
+Dropout is off unless --dropout, and then the same in every provider; the feature map is channels-last
+(the trainer's layout on GPUs) unless --layout nchw. Each measurement reports time (median, p20, p80 over repeated
 calls; CUDA events after an L2 flush on a GPU, perf_counter on a CPU), peak memory above the inputs
 (CUDA only; a CPU has no allocator statistics to read, so none is reported) and the bandwidth the
 call achieves if it moved the minimum bytes a fused kernel must move: its inputs, weights and
@@ -81,14 +82,20 @@ class Problem:
             leaf.grad = None
 
 
+# What grouped_mlp sees (set from --layout and --dropout): the feature map's memory format, and the
+# dropout after each hidden layer (0: the inference-like case; 0.5: the paper's training setting).
+GROUPED_MLP_INPUT = {"layout": "channels_last", "dropout": 0.0}
+
+
 def bmm_grouped_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor) -> Tensor:
     """The strongest eager form: three batched matmuls over regions in the input dtype.
 
     tada_kernels' eager backend computes the same in fp32 whatever the input dtype, so in bf16 this
     is the faster of the two."""
+    p = GROUPED_MLP_INPUT["dropout"]
     regions = x.transpose(0, 1)  # [K, B, C]
-    hidden = torch.baddbmm(b1.unsqueeze(1), regions, w1).relu()
-    hidden = torch.baddbmm(b2.unsqueeze(1), hidden, w2).relu()
+    hidden = torch.nn.functional.dropout(torch.baddbmm(b1.unsqueeze(1), regions, w1).relu(), p)
+    hidden = torch.nn.functional.dropout(torch.baddbmm(b2.unsqueeze(1), hidden, w2).relu(), p)
     logits = torch.baddbmm(b3.view(-1, 1, 1), hidden, w3.unsqueeze(2))
     return logits.squeeze(2).t().float()
 
@@ -96,16 +103,20 @@ def bmm_grouped_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w
 def region_mlps(K: int, C: int, H: int, *, dtype: torch.dtype, device: torch.device) -> nn.ModuleList:
     """The model as first written: one nn.Sequential per region."""
     factory = {"device": device, "dtype": dtype}
+    p = GROUPED_MLP_INPUT["dropout"]
     return nn.ModuleList(
-        nn.Sequential(nn.Linear(C, H, **factory), nn.ReLU(), nn.Linear(H, H, **factory), nn.ReLU(),
-                      nn.Linear(H, 1, **factory))
+        nn.Sequential(nn.Linear(C, H, **factory), nn.ReLU(), nn.Dropout(p), nn.Linear(H, H, **factory), nn.ReLU(),
+                      nn.Dropout(p), nn.Linear(H, 1, **factory))
         for _ in range(K)
     )
 
 
 def feature_map(B: int, C: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A channels-last [B, C, 7, 7] map that requires grad, like the backbone's output in training."""
-    f = torch.randn(B, C, MAP_SIDE, MAP_SIDE, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    """A [B, C, 7, 7] map that requires grad, like the backbone's output in training; channels-last (the
+    trainer's layout on GPUs) unless --layout nchw."""
+    f = torch.randn(B, C, MAP_SIDE, MAP_SIDE, device=device, dtype=dtype)
+    if GROUPED_MLP_INPUT["layout"] == "channels_last":
+        f = f.to(memory_format=torch.channels_last)
     return f.requires_grad_()
 
 
@@ -137,7 +148,8 @@ def grouped_mlp_problem(provider: str, shape: dict, dtype: torch.dtype, device: 
             op = torch.compile(bmm_grouped_mlp, dynamic=False)
         else:
             def op(*tensors: Tensor) -> Tensor:
-                return tada_kernels.grouped_mlp(*tensors, backend=provider)
+                p = GROUPED_MLP_INPUT["dropout"]
+                return tada_kernels.grouped_mlp(*tensors, dropout=p, training=p > 0, backend=provider)
 
         def forward() -> Tensor:
             return op(regions(), *weights)
@@ -439,8 +451,9 @@ def write_report(path: Path, args: argparse.Namespace, device: torch.device, mea
     lines += [f"Machine: {machine_description()}; torch threads: {torch.get_num_threads()}.", "",
               "Command:", "", f"    {shlex.join(['python', *sys.argv])}", "",
               f"Sweep: dtypes {', '.join(args.dtypes)}; batch sizes {args.batch_sizes}; grouped_mlp hidden "
-              f"{args.hidden}, K = {MAP_SIDE ** 2}, C = {CHANNELS}; entropy_attention f [B, {CHANNELS}, "
-              f"{MAP_SIDE}, {MAP_SIDE}] channels-last; attentive_entropy {NUM_CLASSES} classes, n = B. "
+              f"{args.hidden}, K = {MAP_SIDE ** 2}, C = {CHANNELS}, dropout {args.dropout:g}; entropy_attention "
+              f"f [B, {CHANNELS}, {MAP_SIDE}, {MAP_SIDE}]; feature maps {args.layout}; attentive_entropy "
+              f"{NUM_CLASSES} classes, n = B. "
               f"Modes: {', '.join(args.modes)}. About {args.rep_ms:g} ms of timed calls per row "
               f"(at least 5). Total wall time {elapsed_s / 60:.1f} min.", "",
               f"Copy bandwidth (bytes read + written per second copying a 1 GiB tensor) measured on this device: "
@@ -478,8 +491,13 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=float, help="timed milliseconds per row (default 100 on a GPU, 300 on a CPU)")
     parser.add_argument("--time-limit", type=float,
                         help="seconds; once past, start no further shape (the report says what was left out)")
+    parser.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last",
+                        help="memory format of the feature map (grouped_mlp and entropy_attention)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="grouped_mlp dropout in every provider")
+    parser.add_argument("--name", help="file stem of the CSV and report (default kernels, or kernels_cpu on a CPU)")
     parser.add_argument("--out-dir", default="bench/results")
     args = parser.parse_args()
+    GROUPED_MLP_INPUT.update(layout=args.layout, dropout=args.dropout)
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -495,7 +513,7 @@ def main() -> None:
     started = time.perf_counter()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "kernels" if on_gpu else "kernels_cpu"
+    stem = args.name or ("kernels" if on_gpu else "kernels_cpu")
     writer = CsvWriter(out_dir / f"{stem}.csv", torch.cuda.get_device_name(device) if on_gpu else "cpu")
 
     def measure_copy(when: str) -> float:

@@ -5,11 +5,17 @@
 #
 #   bash bench/gpu_suite.sh OUT_DIR          PYTHON=/path/to/python to pick the interpreter
 #
+# A first contact of about 5 minutes on an H200, each stage with a time limit:
 # 1. the kernel tests on the GPU, without the Triton interpreter (the end-to-end training test is
 #    deselected where DeepSpeed or MLflow is missing);
-# 2. bench/bench_kernels.py (full sweep) and 3. bench/bench_step.py (ResNet-50, bf16);
-# then a short summary. OUT_DIR receives the logs, CSV and markdown results, nvidia-smi output and
-# versions. About 8 minutes on an H200; each stage has a time limit so the whole run stays near that.
+# 2. bench/bench_kernels.py at the trainer's shape (B = 64, H = 1024, bf16): copy bandwidth, CUDA-event
+#    timings of grouped_mlp against bmm, entropy attention, attentive entropy; once on a channels-last
+#    map without dropout, once on an NCHW map with dropout 0.5;
+# 3. bench/bench_step.py: the ResNet-50 step, TADA against source-only, median step times;
+# 4. bench/profile_step.py: a profiler trace of real trainer steps (torch loader, generated data),
+#    where DeepSpeed is installed (it says so where it is not);
+# then a short summary. OUT_DIR receives the logs, CSV and markdown results, the trace, nvidia-smi
+# output and versions, and everything is packed into OUT_DIR.tar.gz as well.
 # Exit status: 0 when every stage passed, 1 when one failed, timed out or was skipped, 2 when it
 # cannot start (no GPU, no torch or triton).
 set -uo pipefail
@@ -99,10 +105,23 @@ else
         DESELECT=(--deselect tests/test_kernels_triton.py::test_training_run_with_triton_kernels_follows_the_eager_run)
         echo "DeepSpeed or MLflow missing: the end-to-end training test is deselected" | tee "$OUT_DIR/tests_deselected.txt"
     fi
-    run_stage tests 140 "$PYTHON" -m pytest -p no:cacheprovider -q "${DESELECT[@]}" "${TESTS[@]}"
+    run_stage tests 110 "$PYTHON" -m pytest -p no:cacheprovider -q "${DESELECT[@]}" "${TESTS[@]}"
 fi
-run_stage bench_kernels 230 "$PYTHON" bench/bench_kernels.py --time-limit 170 --out-dir "$OUT_DIR"
-run_stage bench_step 90 "$PYTHON" bench/bench_step.py --out-dir "$OUT_DIR"
+SHAPE=(--batch-sizes 64 --hidden 1024 --dtypes bf16 --out-dir "$OUT_DIR")
+run_stage bench_kernels 70 "$PYTHON" bench/bench_kernels.py "${SHAPE[@]}" --time-limit 50
+run_stage kernels_nchw 50 "$PYTHON" bench/bench_kernels.py "${SHAPE[@]}" --layout nchw --dropout 0.5 \
+    --kernels grouped_mlp entropy_attention --modes full --name kernels_nchw_dropout --time-limit 35
+run_stage bench_step 60 "$PYTHON" bench/bench_step.py --out-dir "$OUT_DIR"
+if "$PYTHON" -c 'import deepspeed' 2>/dev/null; then
+    run_stage profile_step 60 "$PYTHON" bench/profile_step.py --config configs/default.yaml --steps 10 --warmup 5 \
+        --report "$OUT_DIR/profile_step.md" --trace "$OUT_DIR/trace_trainer.json" \
+        --title "Profile of a tada-train step (ResNet-50, bf16, torch loader)" \
+        data.loader=torch data.num_threads=4 model.backbone=resnet50 data.resize=256 data.crop=224 \
+        model.region_hidden=1024 distributed.precision=bf16
+else
+    echo "DeepSpeed is not installed for $PYTHON: no profile of real trainer steps" | tee "$OUT_DIR/profile_step.log"
+    SUMMARY+=("$(printf '%-14s %s' profile_step "SKIPPED (no DeepSpeed)")")
+fi
 
 # The short table last: stage outcomes, the kernel targets and the training-step comparison.
 echo
@@ -115,4 +134,5 @@ fi
 if [[ -f $OUT_DIR/step.md ]]; then
     grep -E '^\| |^Target' "$OUT_DIR/step.md"
 fi
+tar -czf "$OUT_DIR.tar.gz" -C "$(dirname "$OUT_DIR")" "$(basename "$OUT_DIR")" && echo "packed $OUT_DIR.tar.gz"
 exit $FAILED

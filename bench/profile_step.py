@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--report", default="bench/results/profile_step_cpu.md")
     parser.add_argument("--title", default="Profile of a tada-train step on the CPU")
+    parser.add_argument("--trace", help="also write the profiler trace here (Chrome trace JSON, for Perfetto)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -43,7 +44,11 @@ def main() -> None:
     with profile(activities=activities) as profiler:
         for _ in range(args.steps):
             trainer.train_step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - started) * 1e3 / args.steps
+    if args.trace:
+        profiler.export_chrome_trace(args.trace)
     events = {event.key: event for event in profiler.key_averages()}
 
     lines = [f"# {args.title}", "",
