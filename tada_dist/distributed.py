@@ -121,9 +121,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag OR-ed over all ranks, in one small all-reduce, so that every rank takes the same branch."""
-    values = torch.tensor([float(flag) for flag in flags], device=device)
+def any_rank(flags: list[bool | torch.Tensor], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over all ranks, in one small all-reduce, so that every rank takes the same branch.
+
+    A flag may be a one-element tensor on the device (say, "this loss is not finite"): it joins the
+    others on the device, so the answer costs a single wait for the device, not one per flag."""
+    values = torch.stack([flag.reshape(()).float() if isinstance(flag, torch.Tensor)
+                          else torch.tensor(float(flag), device=device) for flag in flags])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(value) for value in values.tolist()]

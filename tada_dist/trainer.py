@@ -64,6 +64,23 @@ class StepHooks:
         """Called when the step is done, before it is logged, evaluated or saved."""
 
 
+class BufferSnapshot:
+    """A copy of the model's buffers (BatchNorm statistics), taken before each step so that a skipped step
+    can put them back. The copy is allocated once and refreshed in place: no allocation per step."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.buffers = list(model.buffers())
+        self.copies = [buffer.detach().clone() for buffer in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.copies, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.copies)
+
+
 def match_batchnorm_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """DeepSpeed's bf16 mode casts parameters but not BatchNorm running statistics; CUDA kernels accept
     the mix, CPU ones do not, so on the CPU the statistics follow the parameters."""
@@ -142,6 +159,7 @@ class Trainer:
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
             )
         self.model = self.engine.module
+        self.buffer_snapshot = BufferSnapshot(self.model)
         self.input_dtype = torch.bfloat16 if config.distributed.precision == "bf16" else torch.float32
         if self.input_dtype == torch.bfloat16 and self.dist.device.type == "cpu":
             match_batchnorm_buffers(self.model, torch.bfloat16)
@@ -225,7 +243,7 @@ class Trainer:
         grl_coeff = grl_schedule(p, alpha=config.schedule.grl_alpha)
         self.model.set_grl_coeff(grl_coeff)
         self.engine.train()
-        statistics = [buffer.detach().clone() for buffer in self.model.buffers()]
+        self.buffer_snapshot.save()
         finite = True
         for micro_step in range(1, config.distributed.grad_accum + 1):
             with record_function("data"):
@@ -240,7 +258,7 @@ class Trainer:
                     backend=config.kernels.backend,
                 )
             with record_function("agree"):  # one all-reduce answers what every rank must answer alike
-                nonfinite, stop = any_rank([not bool(torch.isfinite(loss)), self.stop.requested], self.dist.device)
+                nonfinite, stop = any_rank([~torch.isfinite(loss.detach()), self.stop.requested], self.dist.device)
             self.stop_agreed = self.stop_agreed or stop
             finite = finite and not nonfinite
             if finite:
@@ -257,8 +275,7 @@ class Trainer:
                 self.engine.step()
         self.step += 1
         if not finite:
-            for buffer, saved in zip(self.model.buffers(), statistics):
-                buffer.copy_(saved)
+            self.buffer_snapshot.restore()
         self.hooks.after_step(self)
         if not finite:
             return None
