@@ -7,6 +7,7 @@ import the other and a checkpoint is always rebuilt exactly as it was trained.
 from __future__ import annotations
 
 import random
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,26 @@ def resolve_domains(config: Config, dist_info: DistInfo) -> tuple[Domain, Domain
     if isinstance(result, str):
         raise DataError(result)
     return result
+
+
+def split_holdout(domain: Domain, fraction: float) -> tuple[Domain, Domain | None]:
+    """(training part, held-out part) of a domain; an image is held out by a hash of its class folder and
+    file name, so the same images are held out in every run and every process, whatever the seed."""
+    if fraction <= 0:
+        return domain, None
+    held = [zlib.crc32("/".join(Path(file).parts[-2:]).encode()) % 10_000 < fraction * 10_000
+            for file in domain.files]
+    if all(held) or not any(held):
+        raise DataError(f"data.source_holdout={fraction} leaves {'no' if all(held) else 'all'} images of "
+                        f"'{domain.name}' for training; choose a share between 0 and 1 that keeps both parts")
+
+    def part(keep: bool) -> Domain:
+        chosen = [i for i, flag in enumerate(held) if flag == keep]
+        return Domain(name=domain.name if not keep else f"{domain.name} (held out)",
+                      files=[domain.files[i] for i in chosen], labels=[domain.labels[i] for i in chosen],
+                      classes=domain.classes)
+
+    return part(False), part(True)
 
 
 def transform_from_config(config: Config, *, ten_crop: bool | None = None, channels_last: bool = False

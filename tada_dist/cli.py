@@ -49,7 +49,10 @@ class _LineFormatter(logging.Formatter):
 
 
 def setup_logging(prog: str) -> None:
-    """tada_dist's log records as plain lines on stderr (notices and warnings, never on stdout)."""
+    """tada_dist's log records as plain lines on stderr (notices and warnings, never on stdout); MLflow's
+    artifact progress bars off unless TADA_DIST_VERBOSE=1."""
+    if os.environ.get("TADA_DIST_VERBOSE") != "1":
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LineFormatter(prog))
     package_logger = logging.getLogger("tada_dist")

@@ -89,6 +89,9 @@ class DataConfig:
         default=False, metadata={"doc": "evaluate on the average prediction of ten crops (corners, centre, mirrored)"}
     )
     num_threads: int = _non_negative(2, "DALI decoding threads, or torch DataLoader workers (0: main process)")
+    source_holdout: float = _fraction(
+        0.0, "share of the source images kept out of training, for the DEV selection score (the same images "
+             "in every run)")
     cache: bool = field(default=False, metadata={
         "doc": "decode every image once and keep the domains in memory (small datasets such as digits); "
                "crops and flips are still drawn per batch"})
@@ -175,12 +178,32 @@ class KernelsConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    attention_images: int = _non_negative(
+        8, "source and target images whose attention maps are drawn at each evaluation (local attention only)")
+    features: bool = field(default=True, metadata={
+        "doc": "t-SNE of the bottleneck features and the proxy A-distance at the end"})
+    selection: bool = field(default=True, metadata={
+        "doc": "log label-free model-selection scores (entropy, IM, SND; DEV with data.source_holdout) at each "
+               "evaluation"})
+    max_points: int = _positive(1000, "images per domain in the t-SNE, the A-distance and DEV's domain classifier")
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = field(default=True, metadata={"doc": "log the run to MLflow (rank 0 only)"})
     uri: str | None = field(default=None, metadata={"doc": "MLflow URI; default sqlite:///<output_dir parent>/mlflow.db"})
     experiment: str = field(default="tada-dist", metadata={"doc": "MLflow experiment name"})
     run_name: str | None = field(default=None, metadata={"doc": "MLflow run name; null: <method>-seed<seed>"})
     system_metrics: bool = field(default=False, metadata={"doc": "log CPU/GPU/memory use through MLflow"})
+    task: str | None = field(default=None, metadata={
+        "doc": "the task tag that groups runs in tada-report; null: <source>_to_<target>"})
+    variant: str | None = field(default=None, metadata={
+        "doc": "the row tada-report puts the run in; null: the method"})
+    log_model: bool = field(default=True, metadata={
+        "doc": "log the final model as an MLflow model (tada-eval --model runs:/<id>/model)"})
+    register_model: str | None = field(default=None, metadata={
+        "doc": "also register it in the MLflow model registry under this name (tada-eval --model models:/<name>/<v>)"})
 
 
 @dataclass
@@ -205,6 +228,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 

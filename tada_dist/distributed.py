@@ -150,6 +150,15 @@ def average_batchnorm_statistics(model: torch.nn.Module) -> None:
                 buffer.copy_(total / dist.get_world_size())
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's `value` (picklable), in rank order; [value] without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def broadcast_object(value, src: int = 0):
     """Send a picklable value from rank `src` to every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

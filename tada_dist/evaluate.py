@@ -1,6 +1,7 @@
 """Target accuracy, counted once per image across ranks; and the `tada-eval` command.
 
-    tada-eval --checkpoint OUTPUT_DIR [--domain PATH] [--batch-size N]
+    tada-eval --checkpoint OUTPUT_DIR [--domain PATH] [--attention N] [--features] [--json]
+    tada-eval --model runs:/<run id>/model [--tracking-uri URI] ...
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tada_dist.cli import fail, setup_logging
-from tada_dist.distributed import all_reduce_sum, average_batchnorm_statistics
+from tada_dist.distributed import all_gather_objects, all_reduce_sum, average_batchnorm_statistics
 
 PROG = "tada-eval"
 
@@ -39,55 +40,90 @@ class Accuracy:
         return sum(self.total)
 
 
+@dataclass
+class Predictions:
+    """Every evaluated image of a domain, in a fixed order (rank by rank): class logits (with ten-crop,
+    the log of the views' mean probability), bottleneck features G_b(h) and labels."""
+
+    logits: torch.Tensor  # [n, classes] float32
+    features: torch.Tensor  # [n, dim] float32
+    labels: torch.Tensor  # [n] int64
+
+
 @torch.no_grad()
-def predict_classes(model, images: torch.Tensor) -> torch.Tensor:
-    """Predicted class per image. images [b, 3, S, S], or [b, V, 3, S, S] for V views of each image
-    (ten-crop), whose softmax probabilities are averaged before the argmax."""
+def inspect_images(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, features) of a batch: images [b, 3, S, S], or [b, V, 3, S, S] for V views of each image
+    (ten-crop), whose softmax probabilities and features are averaged."""
     if images.dim() == 4:
-        return model.predict(images).argmax(dim=1)
+        outputs = model.inspect(images)
+        return outputs["logits"].float(), outputs["features"].float()
     batch, views = images.shape[:2]
-    probabilities = model.predict(images.flatten(0, 1)).float().softmax(dim=1)
-    return probabilities.view(batch, views, -1).mean(dim=1).argmax(dim=1)
+    outputs = model.inspect(images.flatten(0, 1))
+    probabilities = outputs["logits"].float().softmax(dim=1).view(batch, views, -1).mean(dim=1)
+    return probabilities.log(), outputs["features"].float().view(batch, views, -1).mean(dim=1)
 
 
 @torch.no_grad()
-def evaluate_accuracy(model, loader, num_classes: int, *, device: torch.device, dtype: torch.dtype) -> Accuracy:
-    """Per-class correct/total over this rank's share of `loader`, summed over all ranks."""
+def evaluate(model, loader, num_classes: int, *, device: torch.device, dtype: torch.dtype,
+             keep_predictions: bool = False) -> tuple[Accuracy, Predictions | None]:
+    """Per-class correct/total over `loader`, summed over all ranks; with keep_predictions, every
+    image's logits and features too, gathered from all ranks."""
     was_training = model.training
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.int64)
     total = torch.zeros(num_classes, dtype=torch.int64)
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for images, labels in loader:
-        predictions = predict_classes(model, images.to(device, dtype=dtype)).cpu()
-        labels = labels.cpu()
+        logits, features = inspect_images(model, images.to(device, dtype=dtype))
+        logits, features, labels = logits.cpu(), features.cpu(), labels.cpu()
+        predictions = logits.argmax(dim=1)
         total += torch.bincount(labels, minlength=num_classes)
         correct += torch.bincount(labels[predictions == labels], minlength=num_classes)
+        if keep_predictions:
+            kept.append((logits, features, labels))
     model.train(was_training)
     counts = all_reduce_sum(torch.stack([correct, total]))
-    return Accuracy(correct=counts[0].tolist(), total=counts[1].tolist())
+    accuracy = Accuracy(correct=counts[0].tolist(), total=counts[1].tolist())
+    if not keep_predictions:
+        return accuracy, None
+    ranks = all_gather_objects(kept)
+    pieces = [piece for rank in ranks for piece in rank]
+    if not pieces:
+        return accuracy, None
+    logits, features, labels = (torch.cat(column) for column in zip(*pieces))
+    return accuracy, Predictions(logits=logits, features=features, labels=labels)
+
+
+def evaluate_accuracy(model, loader, num_classes: int, *, device: torch.device, dtype: torch.dtype) -> Accuracy:
+    """Per-class correct/total over this rank's share of `loader`, summed over all ranks."""
+    return evaluate(model, loader, num_classes, device=device, dtype=dtype)[0]
 
 
 class Evaluator:
     """When and how the trainer measures target accuracy: every `every` steps and at the last step.
 
     Each rank's BatchNorm statistics follow its own shard of the data, so they are averaged over
-    ranks first: the accuracy is that of the model a checkpoint saves and `tada-eval` reloads."""
+    ranks first: the accuracy is that of the model a checkpoint saves and `tada-eval` reloads. With
+    keep_predictions, every target image's logits and features come back as well (for the
+    label-free selection scores and the feature analysis)."""
 
     def __init__(self, loader, *, every: int, total_steps: int, num_classes: int, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, keep_predictions: bool = False):
         self.loader = loader
         self.every = every
         self.total_steps = total_steps
         self.num_classes = num_classes
         self.device = device
         self.dtype = dtype
+        self.keep_predictions = keep_predictions
 
     def due(self, step: int) -> bool:
         return (self.every > 0 and step % self.every == 0) or step == self.total_steps
 
-    def __call__(self, model) -> Accuracy:
+    def __call__(self, model) -> tuple[Accuracy, Predictions | None]:
         average_batchnorm_statistics(model)
-        return evaluate_accuracy(model, self.loader, self.num_classes, device=self.device, dtype=self.dtype)
+        return evaluate(model, self.loader, self.num_classes, device=self.device, dtype=self.dtype,
+                        keep_predictions=self.keep_predictions)
 
 
 def format_report(accuracy: Accuracy, classes: list[str], domain_name: str) -> str:
@@ -98,13 +134,53 @@ def format_report(accuracy: Accuracy, classes: list[str], domain_name: str) -> s
     return "\n".join(lines)
 
 
+def load_trained(args, num_classes_of) -> tuple:
+    """(config, model, step, where) from --checkpoint DIR or --model URI (an MLflow model of a run).
+    num_classes_of(config) gives the class count a checkpoint's model is rebuilt with."""
+    from tada_dist import checkpoint
+    from tada_dist.build import model_from_config
+    from tada_dist.config import load_saved_config
+
+    if args.model:
+        import mlflow
+
+        if args.tracking_uri:
+            mlflow.set_tracking_uri(args.tracking_uri)
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=args.model))
+        except Exception as error:  # MLflow raises its own exceptions for unknown runs, models and versions
+            raise FileNotFoundError(f"cannot load MLflow model {args.model} ({str(error).splitlines()[0]}); "
+                                    "is --tracking-uri (or MLFLOW_TRACKING_URI) the store it was logged to?") from None
+        config = load_saved_config(local / "extra_files" / "config.yaml")
+        model = mlflow.pytorch.load_model(str(local), map_location="cpu")
+        return config, model, None, args.model
+    output_dir = Path(args.checkpoint)
+    config_file = output_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{output_dir} is not a training output directory (missing config.yaml)")
+    config = load_saved_config(config_file)
+    weights, step = checkpoint.load_module_weights(output_dir)
+    model = model_from_config(config, num_classes_of(config), load_pretrained=False)
+    model.load_state_dict(weights)
+    return config, model, step, f"checkpoint step {step}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Evaluate a trained TADA run on a domain.")
-    parser.add_argument("--checkpoint", required=True, help="a training output directory (holding config.yaml)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a training output directory (holding config.yaml)")
+    source.add_argument("--model", help="an MLflow model: runs:/<run id>/model or models:/<name>/<version>")
+    parser.add_argument("--tracking-uri", help="the MLflow store of --model (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--domain", help="an ImageFolder directory or image-list file (default: the run's target)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's)")
     parser.add_argument("--ten-crop", action=argparse.BooleanOptionalAction, default=None,
                         help="average the predictions of ten crops per image (default: the run's data.eval_ten_crop)")
+    parser.add_argument("--attention", type=int, metavar="N", default=0,
+                        help="draw the attention maps of N source and N target images (local attention only)")
+    parser.add_argument("--features", action="store_true",
+                        help="t-SNE of source and target features, and the proxy A-distance")
+    parser.add_argument("--out", help="folder for the pictures and tables (default: <checkpoint>/analysis, or "
+                                      "./analysis with --model)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line, alone on stdout")
     parser.add_argument("--verbose", action="store_true", help="show DeepSpeed's start-up messages")
     args = parser.parse_args(argv)
@@ -112,39 +188,70 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TADA_DIST_VERBOSE"] = "1"
     setup_logging(PROG)
 
-    from tada_dist import checkpoint
-    from tada_dist.build import create_evaluation_loader, model_from_config, resolve_domains
-    from tada_dist.config import ConfigError, load_saved_config
-    from tada_dist.data import DataError, load_domain
+    from tada_dist import analysis
+    from tada_dist.build import create_evaluation_loader, resolve_domains, transform_from_config
+    from tada_dist.config import ConfigError
+    from tada_dist.data import DataError, create_eval_loader, load_domain
     from tada_dist.distributed import init_distributed
-    from tada_dist.model import ModelError
+    from tada_dist.model import ModelError, method_parts
 
-    output_dir = Path(args.checkpoint)
-    config_file = output_dir / "config.yaml"
-    if not config_file.is_file():
-        return fail(PROG, f"{output_dir} is not a training output directory (missing config.yaml)")
+    domains = {}
+
+    def classes_of(config) -> int:
+        domains["dist_info"] = init_distributed(config.distributed.backend)
+        domains["source"], domains["target"] = resolve_domains(config, domains["dist_info"])
+        return len(domains["source"].classes)
+
     try:
-        config = load_saved_config(config_file)
-        weights, step = checkpoint.load_module_weights(output_dir)
-        dist_info = init_distributed(config.distributed.backend)
-        source, target = resolve_domains(config, dist_info)
+        config, model, step, where = load_trained(args, classes_of)
+        if not domains:
+            classes_of(config)
+        dist_info, source, target = domains["dist_info"], domains["source"], domains["target"]
         domain = load_domain(args.domain, classes=source.classes) if args.domain else target
-        model = model_from_config(config, len(source.classes), load_pretrained=False)
+        if args.attention and not method_parts(config.method).local_attention:
+            raise ConfigError(f"--attention draws local attention, which method {config.method!r} does not have")
     except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
         return fail(PROG, err)
 
-    model.load_state_dict(weights)
-    model.to(dist_info.device)
+    model.to(dist_info.device).eval()
+    classes = source.classes
     loader = create_evaluation_loader(config, domain, dist_info, batch_size=args.batch_size, ten_crop=args.ten_crop)
-    accuracy = evaluate_accuracy(model, loader, len(source.classes), device=dist_info.device, dtype=torch.float32)
+    accuracy, predictions = evaluate(model, loader, len(classes), device=dist_info.device, dtype=torch.float32,
+                                     keep_predictions=args.features)
+    result = {"domain": domain.name, "step": step, "accuracy": accuracy.overall,
+              "per_class": dict(zip(classes, accuracy.per_class)), "images": accuracy.images}
+    out = Path(args.out) if args.out else (Path(args.checkpoint) / "analysis" if args.checkpoint else Path("analysis"))
+    if args.features:
+        source_loader = create_evaluation_loader(config, source, dist_info, batch_size=args.batch_size, ten_crop=False)
+        _, source_predictions = evaluate(model, source_loader, len(classes), device=dist_info.device,
+                                         dtype=torch.float32, keep_predictions=True)
+        if dist_info.is_main:
+            result["a_distance"] = analysis.proxy_a_distance(source_predictions.features, predictions.features)
+            result["tsne"] = str(analysis.draw_tsne(
+                source_predictions.features, source_predictions.labels, predictions.features, predictions.labels,
+                classes, title=f"{config.method}: {source.name} -> {domain.name}", path=out / "tsne.png"))
+    if args.attention and dist_info.is_main:
+        transform = transform_from_config(config, ten_crop=False)
+        result["attention"] = []
+        for role, shown in (("source", source), ("target", domain)):
+            chosen = analysis.subset(shown, analysis.shown_images(shown, args.attention))
+            images, labels = next(iter(create_eval_loader(chosen, batch_size=len(chosen.files), transform=transform,
+                                                          rank=0, world_size=1, backend=config.data.loader,
+                                                          device="cpu", num_threads=1)))
+            path = analysis.draw_attention(model, images.to(dist_info.device), labels, classes,
+                                           mean=tuple(config.data.mean), std=tuple(config.data.std),
+                                           title=f"{config.method}: {role} {shown.name} ({where})",
+                                           path=out / f"attention_{role}.png")
+            result["attention"].append(str(path))
     if dist_info.is_main:
         if args.json:
-            print(json.dumps({"domain": domain.name, "step": step, "accuracy": accuracy.overall,
-                              "per_class": dict(zip(source.classes, accuracy.per_class)),
-                              "images": accuracy.images}))
+            print(json.dumps(result))
         else:
-            print(f"checkpoint step {step}")
-            print(format_report(accuracy, source.classes, domain.name))
+            print(where)
+            print(format_report(accuracy, classes, domain.name))
+            for key in ("a_distance", "tsne", "attention"):
+                if key in result:
+                    print(f"{key}: {result[key]}")
     return 0
 
 

@@ -27,7 +27,8 @@ TRACKING_PROBE_SECONDS = 5.0
 
 # The settings a checkpoint is tied to: the model's shape (method, model.*, the crop that fixes K and
 # the flattened width), the data it counts positions in, and how DeepSpeed laid out its optimizer state.
-RESUME_KEYS = ("method", "data.root", "data.source", "data.target", "data.crop", "distributed.zero_stage",
+RESUME_KEYS = ("method", "data.root", "data.source", "data.target", "data.crop", "data.source_holdout",
+               "distributed.zero_stage",
                "distributed.precision")
 
 

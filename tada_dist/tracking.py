@@ -103,12 +103,34 @@ class Tracker:
         if fresh:
             mlflow.log_metrics(fresh, step=step)
 
-    def log_artifact(self, path: str | Path) -> None:
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if not self.active:
             return
         import mlflow
 
-        mlflow.log_artifact(str(path))
+        mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_model(self, model, config_file: Path, classes: list[str], *, register_as: str | None = None) -> None:
+        """The trained model as the run's MLflow model "model", with the run's config.yaml and its class
+        names beside it, so that `tada-eval --model runs:/<run id>/model` (or models:/<name>/<version>
+        when registered) evaluates it without the run's folder."""
+        if not self.active:
+            return
+        import json
+        import tempfile
+
+        import mlflow
+
+        with tempfile.TemporaryDirectory() as folder:
+            names = Path(folder) / "classes.json"
+            names.write_text(json.dumps(classes))
+            # Pickled, not traced: TADA's forward takes two batches and returns a dict. The requirement
+            # is named here rather than inferred, which would re-import the model in a subprocess.
+            import torch
+
+            mlflow.pytorch.log_model(model, name="model", extra_files=[str(config_file), str(names)],
+                                     registered_model_name=register_as, serialization_format="pickle",
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "tada-dist"])
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run; status is FINISHED, FAILED or KILLED."""

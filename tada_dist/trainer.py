@@ -26,6 +26,7 @@ from torch.profiler import record_function
 
 import tada_kernels
 from tada_dist import checkpoint
+from tada_dist.analysis import Analyst
 from tada_dist.build import (
     channels_last,
     create_evaluation_loader,
@@ -33,6 +34,7 @@ from tada_dist.build import (
     model_from_config,
     resolve_domains,
     seed_everything,
+    split_holdout,
 )
 from tada_dist.config import Config, ConfigError, flatten, save_config, to_dict
 from tada_dist.data import DataError
@@ -129,6 +131,7 @@ class Trainer:
         self.loss_weights = LossWeights(adaptation=config.loss.adaptation_weight, entropy=config.loss.entropy_weight)
 
         self.source, self.target = resolve_domains(config, self.dist)
+        self.source, self.source_holdout = split_holdout(self.source, config.data.source_holdout)
         self.num_classes = len(self.source.classes)
         self.source_loader, self.target_loader = create_train_loaders(config, self.source, self.target, self.dist)
 
@@ -181,10 +184,15 @@ class Trainer:
         self.evaluator = Evaluator(
             create_evaluation_loader(config, self.target, self.dist), every=config.train.eval_every,
             total_steps=config.train.steps, num_classes=self.num_classes, device=self.dist.device,
-            dtype=self.input_dtype,
+            dtype=self.input_dtype, keep_predictions=config.analysis.selection or config.analysis.features,
         )
         self._start_tracking(resumed)
+        self.analyst = Analyst(config, self.source, self.target, self.dist, output_dir=self.output_dir,
+                               tracker=self.tracker, device=self.dist.device, dtype=self.input_dtype,
+                               source_holdout=self.source_holdout)
+        self.analyst.history = list(resumed.get("evaluations", [])) if resumed else []
         self.last_accuracy: Accuracy | None = None
+        self.last_predictions = None
 
     # -- set-up helpers -------------------------------------------------------------------------
 
@@ -283,8 +291,10 @@ class Trainer:
         return terms
 
     def validate(self) -> Accuracy:
-        self.last_accuracy = self.evaluator(self.model)
+        """Target accuracy, the label-free selection scores and the attention maps of this step."""
+        self.last_accuracy, self.last_predictions = self.evaluator(self.model)
         self.tracker.log_metrics({"target_acc": self.last_accuracy.overall}, step=self.step)
+        self.analyst.at_evaluation(self.model, self.step, self.last_accuracy.overall, self.last_predictions)
         return self.last_accuracy
 
     def save(self) -> bool:
@@ -295,6 +305,7 @@ class Trainer:
             "totals": self.totals.state_dict(),
             "data": {"source": self.source_loader.state_dict(), "target": self.target_loader.state_dict()},
             "mlflow_run_id": self.tracker.run_id,
+            "evaluations": self.analyst.history,  # the selection summary spans every session of the run
         }
         return self.checkpointer.save(self.engine, self.model, self.step, client_state)
 
@@ -384,10 +395,19 @@ class Trainer:
                 if saved else None,
                 "mlflow_run_id": self.tracker.run_id}
 
+    def plain_model(self) -> torch.nn.Module:
+        """A copy of the trained model outside DeepSpeed (fp32, on the CPU, in eval mode): what is logged
+        to MLflow, loadable anywhere without the engine or a process group."""
+        model = model_from_config(self.config, self.num_classes, load_pretrained=False)
+        model.load_state_dict({name: value.detach().float().cpu() if value.is_floating_point() else value.cpu()
+                               for name, value in self.model.state_dict().items()})
+        return model.eval()
+
     def _write_summary(self) -> dict:
         """metrics.json and the run's closing MLflow metrics; training time and images/s are totals over
         every session of the run, resumes included."""
         accuracy = self.last_accuracy
+        analysis = self.analyst.at_end(self.model, self.step, self.last_predictions)
         summary = {
             "target_acc": accuracy.overall,
             "per_class_acc": dict(zip(self.target.classes, accuracy.per_class)),
@@ -399,9 +419,13 @@ class Trainer:
             "images_per_sec": round(self.totals.images_per_sec, 1),
             "mlflow_run_id": self.tracker.run_id,
             "tracking_uri": self.tracker.uri if self.tracker.active else None,
+            **analysis,
         }
         self.tracker.log_metrics({"train_seconds": self.totals.train_seconds,
                                   "mean_images_per_sec": self.totals.images_per_sec}, step=self.step)
+        if self.config.tracking.log_model and self.tracker.active:
+            self.tracker.log_model(self.plain_model(), self.output_dir / "config.yaml", self.target.classes,
+                                   register_as=self.config.tracking.register_model)
         if self.dist.is_main:
             (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         barrier()

@@ -40,13 +40,17 @@ def finish_with(process: subprocess.Popen, log: Path, *, expect: int, timeout: i
     return output
 
 
-def train_overrides(data_root: Path, run_dir: Path, db: Path, steps: int, *, every: int = 2) -> list[str]:
-    """A tiny model that trains a step in a fraction of a second; log every step."""
+def train_overrides(data_root: Path, run_dir: Path, db: Path, steps: int, *, every: int = 2,
+                    analysis: bool = False) -> list[str]:
+    """A tiny model that trains a step in a fraction of a second; log every step. The analysis (attention
+    maps, t-SNE, MLflow model) only where a test asks for it: it is tested on its own."""
+    quiet = [] if analysis else ["analysis.attention_images=0", "analysis.features=false",
+                                 "tracking.log_model=false"]
     return [
         f"data.root={data_root}", f"output_dir={run_dir}", f"tracking.uri=sqlite:///{db}",
         f"train.steps={steps}", "train.log_every=1", f"train.eval_every={every}", f"checkpoint.every={every}",
         "data.batch_size=4", "data.eval_batch_size=16", "model.global_hidden=32", "model.region_hidden=16",
-        "model.bottleneck_dim=32", "data.num_threads=1",
+        "model.bottleneck_dim=32", "data.num_threads=1", *quiet,
     ]
 
 

@@ -141,6 +141,18 @@ class TADA(nn.Module):
         features, _ = self._embed(x)
         return self.classifier(features)
 
+    def inspect(self, x: Tensor) -> dict[str, Tensor]:
+        """What the analysis looks at, for evaluation (model.eval()): "logits" [B, classes], "features"
+        G_b(h) [B, dim], and with local attention "region_logits" [B, K], "attention" w [B, K] and
+        "region_entropy" H(d_k) [B, K] in nats."""
+        features, region_logits = self._embed(x)
+        outputs = {"logits": self.classifier(features), "features": features}
+        if region_logits is not None:
+            entropy = tada_kernels.binary_entropy_with_logits(region_logits.float())
+            offset, slope = tada_kernels.attention_coefficients(self.attention, self.entropy_unit)
+            outputs.update(region_logits=region_logits, attention=offset + slope * entropy, region_entropy=entropy)
+        return outputs
+
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Images -> (bottleneck features G_b(h) [B, bottleneck_dim], region logits [B, K] or None)."""
         feature_map = self.backbone(x)
