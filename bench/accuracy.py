@@ -1,127 +1,61 @@
 """Target accuracy of several methods and seeds, side by side with the textbook recipe, as a markdown table.
 
-    python bench/accuracy.py --data-root ../shared/data/digits --config configs/digits/mnist_to_mnistm.yaml \
+    python bench/accuracy.py --data-root data/digits --config configs/digits/mnist_to_mnistm.yaml \
         --variants source_only dann tada tada+model.attention=uncertainty tada_local@0 --seeds 0 1 2 --textbook
 
-A variant is a method, optionally followed by `+key=value` overrides and `@seed,seed` (its own seeds
-instead of --seeds): `tada+model.attention=uncertainty@0,1`. Each run is a real `tada-train` process
-(DALI, DeepSpeed, MLflow); runs that already finished in the output folder are reused, and an
-unfinished one resumes from its checkpoint, so an interrupted benchmark continues where it stopped.
---textbook adds source_only and dann rows from bench/digits_textbook.py (plain PyTorch, the published
-digits recipe) on the same data, seeds and steps.
+The runs are a tada-sweep (see tada_dist/sweep.py) of one task: a variant is a method, optionally
+with `+key=value` overrides and `@seed,seed` for its own seeds. Each run is a real tada-train process
+(DALI, DeepSpeed, MLflow); finished runs are reused and unfinished ones resume, so an interrupted
+benchmark continues where it stopped. --textbook adds source_only and dann rows from
+bench/digits_textbook.py (plain PyTorch, the published digits recipe) on the same data, seeds and
+steps, logged to the same MLflow store. The table is tada-report's; a second table gives each run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import statistics
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from report import write_report
 
+from tada_dist.config import build_config
 from tada_dist.jobs import REPO
+from tada_dist.paths import task_name
+from tada_dist.report import collect, markdown, table
+from tada_dist.sweep import Sweep, Variant, run_sweep
+
+EXPERIMENT = "tada-dist"
 
 
-@dataclass(frozen=True)
-class Variant:
-    label: str
-    method: str
-    overrides: tuple[str, ...]
-    seeds: tuple[int, ...]
-
-    @staticmethod
-    def parse(text: str, default_seeds: list[int]) -> Variant:
-        spec, _, seeds = text.partition("@")
-        method, *overrides = spec.split("+")
-        return Variant(label=spec, method=method, overrides=tuple(overrides),
-                       seeds=tuple(int(s) for s in seeds.split(",")) if seeds else tuple(default_seeds))
-
-    @property
-    def folder(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label)
-
-
-def run_project(args: argparse.Namespace, variant: Variant, seed: int) -> dict:
-    run_dir = Path(args.output) / f"{variant.folder}-seed{seed}"
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.is_file():
-        metrics = json.loads(metrics_file.read_text())
-        if metrics["step"] >= args.steps:
-            return metrics
-    command = [
-        sys.executable, "-m", "tada_dist.train", "--config", args.config,
-        *([f"data.root={args.data_root}"] if args.data_root else []),
-        f"method={variant.method}", f"seed={seed}", f"output_dir={run_dir}",
-        f"train.steps={args.steps}", f"tracking.uri=sqlite:///{Path(args.output).resolve() / 'mlflow.db'}",
-        f"tracking.run_name={variant.folder}-seed{seed}", *args.overrides, *variant.overrides,
-    ]
-    print("+", shlex.join(command), flush=True)
-    started = time.perf_counter()
-    result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
-    sys.stderr.write(result.stderr[-5000:])
-    if result.returncode != 0:
-        # A run that stops (say on diverging losses) is a result too: report it, keep going.
-        errors = [line for line in result.stderr.splitlines() if line.startswith("tada-train: error:")]
-        reason = errors[-1].removeprefix("tada-train: error: ") if errors else f"exit {result.returncode}"
-        return {"failed": reason, "seed": seed}
-    metrics = json.loads(metrics_file.read_text())
-    metrics["process_seconds"] = round(time.perf_counter() - started, 1)
-    metrics_file.write_text(json.dumps(metrics, indent=2))
-    return metrics
-
-
-def run_textbook(args: argparse.Namespace, method: str, seed: int) -> dict:
+def run_textbook(args, method: str, seed: int, task: str, source: str, target: str, tracking_uri: str) -> dict:
     result_file = Path(args.output) / f"textbook-{method}-seed{seed}.json"
-    if result_file.is_file():
-        result = json.loads(result_file.read_text())
-        if result["steps"] >= args.steps:
-            return result
-    source, target = textbook_domains(args.config, [f"data.root={args.data_root}", *args.overrides])
-    command = [sys.executable, str(REPO / "bench" / "digits_textbook.py"), "--data-root", args.data_root,
-               "--source", source, "--target", target, "--method", method, "--seed", str(seed),
-               "--steps", str(args.steps)]
-    print("+", shlex.join(command), flush=True)
-    output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-    result = json.loads(output.strip().splitlines()[-1])
+    result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    if result is None or result["steps"] < args.steps:
+        command = [sys.executable, str(REPO / "bench" / "digits_textbook.py"), "--data-root", args.data_root,
+                   "--source", source, "--target", target, "--method", method, "--seed", str(seed),
+                   "--steps", str(args.steps)]
+        print("+", shlex.join(command), flush=True)
+        output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+        result = json.loads(output.strip().splitlines()[-1])
+    if "mlflow_run_id" not in result:  # recorded in the store beside the project's runs, for the report
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(EXPERIMENT)
+        variant = f"textbook {method} (plain PyTorch)"
+        with mlflow.start_run(run_name=f"textbook-{method}-seed{seed}",
+                              tags={"task": task, "variant": variant, "seed": str(seed), "method": method}) as run:
+            mlflow.log_params({"steps": result["steps"], "script": "bench/digits_textbook.py"})
+            mlflow.log_metrics({"target_acc": result["target_acc"], "images_per_sec": result["images_per_sec"]})
+            result["mlflow_run_id"] = run.info.run_id
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=2))
     return result
-
-
-def textbook_domains(config_file: str, overrides: list[str]) -> tuple[str, str]:
-    from tada_dist.config import build_config
-
-    config = build_config(config_file, [o for o in overrides if o.startswith("data.")])
-    return config.data.source, config.data.target
-
-
-def summarise(rows: dict[str, list[dict]]) -> list[str]:
-    lines = ["| method | target accuracy (%) mean ± std | per seed | steps | wall time per run (s) |",
-             "|---|---|---|---|---|"]
-    failures = []
-    for label, runs in rows.items():
-        finished = [r for r in runs if "failed" not in r]
-        failures += [f"- {label}, seed {r['seed']}: {r['failed']}" for r in runs if "failed" in r]
-        if not finished:
-            lines.append(f"| {label} | every run failed | | | |")
-            continue
-        accs = [r["target_acc"] for r in finished]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        per_seed = ", ".join(f"{r['target_acc']:.2f}" if "failed" not in r else "failed" for r in runs)
-        wall = statistics.mean(r.get("process_seconds") or r.get("wall_seconds") or r["train_seconds"] for r in finished)
-        steps = finished[0].get("step", finished[0].get("steps"))
-        spread = f" ± {std:.2f}" if len(accs) > 1 else " (one seed)"
-        lines.append(f"| {label} | {statistics.mean(accs):.2f}{spread} | {per_seed} | {steps} | {wall:.0f} |")
-    if failures:
-        lines += ["", "Runs that did not finish (left out of the means):", "", *failures]
-    return lines
 
 
 def main() -> None:
@@ -140,14 +74,42 @@ def main() -> None:
     if args.textbook and not args.data_root:
         parser.error("--textbook needs --data-root (the textbook script reads the digits folders)")
 
-    rows: dict[str, list[dict]] = {}
+    overrides = dict(item.split("=", 1) for item in args.overrides)
+    overrides["train.steps"] = str(args.steps)
+    if args.data_root:
+        overrides["data.root"] = args.data_root
+    config = build_config(args.config, [f"{k}={v}" for k, v in overrides.items()])
+    task = task_name(config.data.source, config.data.target)
+    output = Path(args.output)
+    sweep = Sweep(config=args.config, tasks={task: {}}, variants=[Variant.parse(v, args.seeds) for v in args.variants],
+                  overrides=overrides, output=output, experiment=EXPERIMENT,
+                  tracking_uri=f"sqlite:///{output.resolve() / 'mlflow.db'}", task_folders=False)
+
+    textbook = []
     if args.textbook:
         for method in ("source_only", "dann"):
-            rows[f"textbook {method} (plain PyTorch)"] = [run_textbook(args, method, seed) for seed in args.seeds]
-    for text in args.variants:
-        variant = Variant.parse(text, args.seeds)
-        rows[variant.label] = [run_project(args, variant, seed) for seed in variant.seeds]
-    write_report(args.report, [f"# {args.title}", "", *summarise(rows), ""])
+            textbook += [{"variant": f"textbook {method} (plain PyTorch)", "seed": seed,
+                          **run_textbook(args, method, seed, task, config.data.source, config.data.target,
+                                         sweep.tracking_uri)} for seed in args.seeds]
+    runs = run_sweep(sweep, log=lambda line: print(line, flush=True))
+
+    variant_order = [row["variant"] for row in textbook] + [v.label for v in sweep.variants]
+    variants, tasks, cells = table(collect(sweep.tracking_uri, EXPERIMENT), variant_order=variant_order)
+    lines = [f"# {args.title}", "", *markdown(variants, tasks, cells, metric="target_acc"), "",
+             "Every run:", "", "| method | seed | target accuracy (%) | steps | training time (s) |",
+             "|---|---|---|---|---|"]
+    for row in [*textbook, *runs]:
+        if "failed" in row:
+            lines.append(f"| {row['variant']} | {row['seed']} | did not finish: {row['failed']} | | |")
+            continue
+        seconds = row.get("train_seconds") or row.get("wall_seconds") or 0.0
+        lines.append(f"| {row['variant']} | {row['seed']} | {row['target_acc']:.2f} | {row.get('step', row.get('steps'))} "
+                     f"| {seconds:.0f} |")
+    finished = [row for row in runs if "failed" not in row]
+    if finished:
+        lines += ["", f"Median training time of a tada-train run: "
+                      f"{statistics.median(r.get('train_seconds') or r.get('wall_seconds') for r in finished):.0f} s."]
+    write_report(args.report, [*lines, ""])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ def is_generated_data_root(root: str | Path) -> bool:
     return Path(root).absolute() == default_data_root()
 
 
+def task_name(source: str, target: str) -> str:
+    """<source>_to_<target> from the domains' names (image-list files by their stem)."""
+    return f"{Path(source).stem}_to_{Path(target).stem}"
+
+
 def default_output_dir(source: str, target: str, method: str, seed: int, world_size: int) -> Path:
     """runs/<source>_to_<target>/<method>-seed<seed>, with -<N>proc appended for N > 1 processes.
 
@@ -23,4 +28,4 @@ def default_output_dir(source: str, target: str, method: str, seed: int, world_s
     was saved with: a one-process run and a two-process run of the same config must not share a folder.
     """
     name = f"{method}-seed{seed}" + (f"-{world_size}proc" if world_size > 1 else "")
-    return Path("runs") / f"{Path(source).stem}_to_{Path(target).stem}" / name
+    return Path("runs") / task_name(source, target) / name

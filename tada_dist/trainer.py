@@ -43,6 +43,7 @@ from tada_dist.distributed import any_rank, barrier, deepspeed_output, init_dist
 from tada_dist.evaluate import Accuracy, Evaluator
 from tada_dist.losses import LossWeights, tada_objective
 from tada_dist.metrics import MetricsLogger, Progress, RunTotals
+from tada_dist.paths import task_name
 from tada_dist.model import method_parts
 from tada_dist.optim import create_optimizer
 from tada_dist.preemption import StopRequest
@@ -221,7 +222,9 @@ class Trainer:
             run_name=config.tracking.run_name or self.output_dir.name,
             system_metrics=config.tracking.system_metrics,
             tags={"world_size": self.dist.world_size, "method": config.method, "seed": config.seed,
-                  "source": self.source.name, "target": self.target.name, "output_dir": str(self.output_dir)},
+                  "source": self.source.name, "target": self.target.name, "output_dir": str(self.output_dir),
+                  "task": config.tracking.task or task_name(config.data.source, config.data.target),
+                  "variant": config.tracking.variant or config.method},
         )
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)

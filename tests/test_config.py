@@ -23,10 +23,23 @@ def test_defaults_match_the_shipped_default_yaml():
     assert shipped == to_dict(Config())
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+RUN_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "sweeps")
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_parses(path, tmp_path):
     config = build_config(path, [f"data.root={tmp_path}"])
     assert config.data.root == str(tmp_path)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_parses_with_every_run_config(path, tmp_path):
+    from tada_dist.sweep import Sweep
+
+    sweep = Sweep.load(path)
+    for task, variant, seed in sweep.runs():
+        overrides = [o for o in sweep.overrides_of(task, variant, seed) if not o.startswith("data.root=")]
+        build_config(REPO / sweep.config, [*overrides, f"data.root={tmp_path}"])
 
 
 def test_yaml_then_overrides_win(tmp_path):
