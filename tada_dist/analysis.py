@@ -226,7 +226,7 @@ class Analyst:
             if source_holdout is not None else None
 
     def _evaluate(self, model, loader):
-        from tada_dist.evaluate import evaluate
+        from tada_dist.evaluation import evaluate
 
         return evaluate(model, loader, len(self.source.classes), device=self.device, dtype=self.dtype,
                         keep_predictions=True)

@@ -40,7 +40,7 @@ from tada_dist.config import Config, ConfigError, flatten, save_config, to_dict
 from tada_dist.data import DataError
 from tada_dist.deepspeed_config import deepspeed_config
 from tada_dist.distributed import any_rank, barrier, deepspeed_output, init_distributed
-from tada_dist.evaluate import Accuracy, Evaluator
+from tada_dist.evaluation import Accuracy, Evaluator
 from tada_dist.losses import LossWeights, tada_objective
 from tada_dist.metrics import MetricsLogger, Progress, RunTotals
 from tada_dist.paths import task_name
