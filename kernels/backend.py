@@ -3,7 +3,9 @@
 Every op takes `backend=` and resolves it here, against the device of its input, so the choice is
 made in one place:
 
-- "eager": the vectorised PyTorch reference in fp32; the CPU path and the test oracle.
+- "eager": the vectorised PyTorch form, the CPU path: fp32, or the 16-bit dtype of 16-bit
+  inputs with fp32 accumulation, as the fused kernels compute (their tests check both against
+  float64 references).
 - "auto": the default. The fused Triton kernels for CUDA tensors, "eager" everywhere else.
 - "triton": the fused Triton kernels, always. CPU tensors run them under the Triton interpreter,
   which needs TRITON_INTERPRET=1 in the environment before triton is first imported; without it

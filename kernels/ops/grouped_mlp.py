@@ -85,14 +85,18 @@ def grouped_mlp(
 
 def _grouped_mlp_eager(x, w1, b1, w2, b2, w3, b3, p: float, seed: int | None) -> Tensor:
     generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
+    # The fused kernels' numerics: 16-bit activations keep their dtype (the batched matmuls accumulate
+    # in fp32 and round their output), anything else runs in fp32. Upcasting bf16 weights instead
+    # would copy all K * (C * H + H * H) of them to fp32 in every forward and cast their gradients back.
+    compute = storage_dtype(x.dtype)
     # [B, K, C] -> [K, B, C]: region k becomes batch entry k of the batched matmuls.
-    regions = x.float().transpose(0, 1)
-    hidden = torch.baddbmm(b1.float().unsqueeze(1), regions, w1.float()).relu()
+    regions = x.to(compute).transpose(0, 1)
+    hidden = torch.baddbmm(b1.to(compute).unsqueeze(1), regions, w1.to(compute)).relu()
     hidden = _dropout(hidden, p, generator)
-    hidden = torch.baddbmm(b2.float().unsqueeze(1), hidden, w2.float()).relu()
+    hidden = torch.baddbmm(b2.to(compute).unsqueeze(1), hidden, w2.to(compute)).relu()
     hidden = _dropout(hidden, p, generator)
-    logits = torch.baddbmm(b3.float().view(-1, 1, 1), hidden, w3.float().unsqueeze(2))  # [K, B, 1]
-    return logits.squeeze(2).transpose(0, 1).contiguous()
+    logits = torch.baddbmm(b3.to(compute).view(-1, 1, 1), hidden, w3.to(compute).unsqueeze(2))  # [K, B, 1]
+    return logits.squeeze(2).transpose(0, 1).float().contiguous()
 
 
 def _dropout(hidden: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
