@@ -492,8 +492,21 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """Sections as blocks, short lists such as data.mean inline."""
+
+
+_ConfigDumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", value, flow_style=True))
+
+
+def dump_config(config: Config) -> str:
+    """The config as YAML, the form of config.yaml, configs/default.yaml and --print-config."""
+    return yaml.dump(to_dict(config), Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False)
+
+
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None))
+    Path(path).write_text(dump_config(config))
 
 
 def load_saved_config(path: str | Path) -> Config:

@@ -17,7 +17,7 @@ import sys
 import yaml
 
 from tada_dist.cli import fail, reporting_rank, setup_logging
-from tada_dist.config import ConfigError, build_config, key_reference, to_dict
+from tada_dist.config import ConfigError, build_config, dump_config, key_reference
 
 PROG = "tada-train"
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
     except ConfigError as err:
         return fail(PROG, err)
     if args.print_config:
-        print(yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None), end="")
+        print(dump_config(config), end="")
         return 0
     if args.verbose:
         os.environ["TADA_DIST_VERBOSE"] = "1"
