@@ -71,7 +71,12 @@ def draw_attention(model, images: torch.Tensor, labels: torch.Tensor, classes: l
     columns = len(images)
     figure, axes = plt.subplots(3, columns, figsize=(TILE_INCHES * columns, TILE_INCHES * 3 + 0.5), dpi=FIGURE_DPI,
                                 squeeze=False)
-    a_range = (float(attention.min()), float(attention.max()))
+    # The colours span the whole range w can take (eq. 3 or the uncertainty form, H between 0 and ln 2),
+    # so that a nearly constant w looks constant; the values it really took are in the row's title.
+    import tada_kernels
+
+    offset, slope = tada_kernels.attention_coefficients(model.attention, model.entropy_unit)
+    a_range = tuple(sorted((offset, offset + slope * float(np.log(2.0)))))
     for column in range(columns):
         label, guess = classes[int(labels[column])], classes[int(predicted[column])]
         axes[0, column].imshow(pictures[column])
@@ -81,8 +86,10 @@ def draw_attention(model, images: torch.Tensor, labels: torch.Tensor, classes: l
         axes[2, column].imshow(entropy[column], cmap="viridis", vmin=0.0, vmax=float(np.log(2.0)))
         for row in range(3):
             axes[row, column].axis("off")
-    axes[1, 0].set_title("attention w", fontsize=7, loc="left")
-    axes[2, 0].set_title("region entropy H(d)", fontsize=7, loc="left")
+    axes[1, 0].set_title(f"attention w: {attention.min():.3f} to {attention.max():.3f} "
+                         f"(colours {a_range[0]:.2f} to {a_range[1]:.2f})", fontsize=7, loc="left")
+    axes[2, 0].set_title(f"region entropy H(d), nats: {entropy.min():.3f} to {entropy.max():.3f} "
+                         "(colours 0 to ln 2)", fontsize=7, loc="left")
     figure.suptitle(title, fontsize=8)
     figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.15)
     return save(figure, path)
