@@ -105,7 +105,10 @@ def check_resume(config: Config, world_size: int) -> int | None:
     except (OSError, ValueError):
         return None  # an unreadable manifest: checkpoint.find_resumable falls back past it with a warning
     ways_out = ("train elsewhere with output_dir=..., or start over in this folder with checkpoint.resume=false")
-    saved, now = manifest["run"], run_record(config, world_size)
+    saved, now = dict(manifest["run"]), run_record(config, world_size)
+    for record in (saved, now):  # the same images reached through another symlink are the same run
+        if isinstance(record.get("data.root"), str):
+            record["data.root"] = os.path.realpath(record["data.root"])
     differences = [f"{key} {saved[key]!r} there, {now.get(key)!r} now"
                    for key in sorted(saved) if saved[key] != now.get(key)]
     if differences:

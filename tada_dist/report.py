@@ -67,8 +67,8 @@ def table(results: list[RunResult], *, variant_order: list[str] | None = None,
     """(variants, tasks, cells): cells[(variant, task)] = (mean, std, n) and cells[(variant, "average")]
     the mean of that variant's task means over the tasks it ran. Orders: as given, then first seen."""
     def ordered(seen: list[str], given: list[str] | None) -> list[str]:
-        first = list(dict.fromkeys(seen))
-        return [name for name in (given or []) if name in first] + [name for name in first if name not in (given or [])]
+        first, given = list(dict.fromkeys(seen)), list(dict.fromkeys(given or []))
+        return [name for name in given if name in first] + [name for name in first if name not in given]
 
     variants = ordered([r.variant for r in results], variant_order)
     tasks = ordered([r.task for r in results], task_order)

@@ -1,5 +1,6 @@
 """The checks that run before anything heavy: output folder, tracking store, resume compatibility."""
 
+import os
 import socket
 import sys
 
@@ -100,3 +101,15 @@ def test_list_keys_shows_each_default_and_meaning(capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "auto" in lines["optim.new_layer_mult"] and "pretrained" in lines["optim.new_layer_mult"]
     assert "1500" in lines["train.steps"] and "optimizer steps" in lines["train.steps"]
+
+
+def test_the_same_data_reached_through_a_symlink_resumes_but_other_data_does_not(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "images")
+    (tmp_path / "other").mkdir()
+    saved = config_in(tmp_path, f"data.root={tmp_path / 'images'}")
+    fake_checkpoint(tmp_path / "run", 4, run=run_record(saved, world_size=1))
+    assert check_resume(config_in(tmp_path, f"data.root={tmp_path / 'link'}"), world_size=1) == 4
+    message = one_line_error(check_resume, config_in(tmp_path, f"data.root={tmp_path / 'other'}"), 1)
+    images, other = (os.path.realpath(tmp_path / name) for name in ("images", "other"))
+    assert f"data.root '{images}' there, '{other}' now" in message

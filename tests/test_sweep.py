@@ -19,6 +19,7 @@ def test_table_cells_are_means_and_stds_over_seeds_and_the_average_of_task_means
                RunResult("b", "dann", "0", 40.0, "r3"), RunResult("a", "tada", "0", 75.0, "r4")]
     variants, tasks, cells = table(results, variant_order=["tada", "dann"])
     assert variants == ["tada", "dann"] and tasks == ["a", "b"]
+    assert table(results, variant_order=["dann", "dann", "tada", "dann"])[0] == ["dann", "tada"]  # one row each
     assert cells[("dann", "a")] == pytest.approx((65.0, 7.0710678, 2))
     assert cells[("dann", "average")][0] == pytest.approx((65.0 + 40.0) / 2)
     assert cells[("tada", "average")][0] == 75.0 and ("tada", "b") not in cells
