@@ -24,12 +24,23 @@ from pathlib import Path
 from report import write_report
 
 from tada_dist.config import build_config
+from tada_dist.data.domain import load_domain
 from tada_dist.jobs import REPO
 from tada_dist.paths import task_name
 from tada_dist.report import collect, markdown, table
 from tada_dist.sweep import Sweep, Variant, run_sweep
 
 EXPERIMENT = "tada-dist"
+
+
+def protocol(config) -> str:
+    """The data the numbers were measured on, in the unsupervised protocol every run follows."""
+    root = Path(config.data.root)
+    source, target = (load_domain(root / name) for name in (config.data.source, config.data.target))
+    return (f"Protocol: unsupervised domain adaptation. Source `{config.data.source}`: all {len(source.files):,} "
+            f"images, labelled, for training. Target `{config.data.target}`: all {len(target.files):,} images, "
+            f"unlabelled in training; their labels give only the reported target accuracy (all of them, "
+            f"after the last step). {len(source.classes)} classes.")
 
 
 def run_textbook(args, method: str, seed: int, task: str, source: str, target: str, tracking_uri: str) -> dict:
@@ -95,7 +106,7 @@ def main() -> None:
 
     variant_order = [row["variant"] for row in textbook] + [v.label for v in sweep.variants]
     variants, tasks, cells = table(collect(sweep.tracking_uri, EXPERIMENT), variant_order=variant_order)
-    lines = [f"# {args.title}", "", *markdown(variants, tasks, cells, metric="target_acc"), "",
+    lines = [f"# {args.title}", "", protocol(config), "", *markdown(variants, tasks, cells, metric="target_acc"), "",
              "Every run:", "", "| method | seed | target accuracy (%) | steps | training time (s) |",
              "|---|---|---|---|---|"]
     for row in [*textbook, *runs]:
