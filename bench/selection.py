@@ -24,7 +24,7 @@ from tada_dist.build import create_evaluation_loader, model_from_config, resolve
 from tada_dist.config import load_saved_config
 from tada_dist.distributed import init_distributed
 from tada_dist.evaluation import evaluate
-from tada_dist.selection import HIGHER_IS_BETTER, picks, target_scores
+from tada_dist.selection import HIGHER_IS_BETTER, Pick, picks, target_scores
 
 
 def score_checkpoints(run_dir: Path, dist_info) -> list[dict]:
@@ -48,24 +48,29 @@ def score_checkpoints(run_dir: Path, dist_info) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", required=True, help="folders holding run folders (or run folders)")
+    parser.add_argument("--runs", nargs="+", required=True,
+                        help="folders holding finished run folders (or run folders); unfinished runs are left out")
     parser.add_argument("--report", default="bench/results/selection_digits.md")
     parser.add_argument("--title", default="Label-free checkpoint selection on the digits runs")
     args = parser.parse_args()
 
     dist_info = init_distributed("auto")
     run_dirs = sorted({p.parent for folder in args.runs for p in Path(folder).glob("**/config.yaml")
-                       if (p.parent / "checkpoints").is_dir()})
+                       if (p.parent / "checkpoints").is_dir() and (p.parent / "metrics.json").is_file()})
     scores = [name for name in HIGHER_IS_BETTER if name != "dev"]
-    rows, regrets, hits = [], {s: [] for s in scores}, {s: 0 for s in scores}
+    # "last" is what a user does without any score: keep the final checkpoint; a score earns its place
+    # only where it beats that.
+    columns = [*scores, "last"]
+    rows, regrets, hits = [], {s: [] for s in columns}, {s: 0 for s in columns}
     for run_dir in run_dirs:
         history = score_checkpoints(run_dir, dist_info)
         if len(history) < 2:
             continue
         chosen = picks(history)
+        chosen["last"] = Pick("last", history[-1]["step"], history[-1]["target_acc"])
         best = chosen["oracle"].accuracy
         cells = []
-        for score in scores:
+        for score in columns:
             pick = chosen[score]
             regrets[score].append(best - pick.accuracy)
             hits[score] += pick.accuracy == best
@@ -77,11 +82,13 @@ def main() -> None:
         f"# {args.title}", "",
         "Each run's kept checkpoints, scored on its whole target domain. A cell is the checkpoint (step) a score "
         "picks and that checkpoint's target accuracy; best: the oracle, which reads the target labels.", "",
-        "| run | target accuracy at each kept step | best | " + " | ".join(scores) + " |",
-        "|---|---|---|" + "---|" * len(scores), *rows, "",
+        "| run | target accuracy at each kept step | best | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(columns), *rows, "",
         "| score | mean regret (accuracy points below the best) | picked the best |", "|---|---|---|",
         *[f"| {s} ({'higher' if HIGHER_IS_BETTER[s] else 'lower'} is better) | "
-          f"{statistics.mean(regrets[s]):.2f} | {hits[s]} of {len(rows)} runs |" for s in scores if regrets[s]], "",
+          f"{statistics.mean(regrets[s]):.2f} | {hits[s]} of {len(rows)} runs |" for s in scores if regrets[s]],
+        f"| last (no score: the final checkpoint) | {statistics.mean(regrets['last']):.2f} | {hits['last']} of "
+        f"{len(rows)} runs |" if regrets["last"] else "", "",
     ]
     write_report(args.report, lines)
 
