@@ -10,7 +10,8 @@ tada) and process count (1, 2), three ways of training the same model for the sa
         rates it logs (the first window, with start-up effects, left out)
     (b) bench/plain_loop.py --data dataloader: a plain PyTorch loop over torchvision ImageFolder +
         DataLoader with the same transforms, the way tllib's examples do it (DDP for two processes)
-    (c) bench/plain_loop.py --data memory: the same loop over tensors decoded in memory, the bound
+    (c) bench/plain_loop.py --data memory: the same loop over tensors decoded in memory, in the
+        channels-last layout tada-train uses: the bound
 
 and the ratios a/b (goal >= 1.0) and a/c (goal >= 0.9). Writes a markdown report and a CSV.
 """
@@ -106,8 +107,9 @@ def main() -> None:
         f"`{args.config}` (data.root {args.data_root}), {args.steps} timed steps after {args.warmup} warm-up steps, "
         f"{args.threads} torch threads split over the processes. images/s counts source and target images "
         "through the network, over all processes. (a) tada-train as users run it, (b) a plain PyTorch loop "
-        "over torchvision ImageFolder + DataLoader (2 workers, the same transforms), (c) the same loop over "
-        "tensors decoded in memory. Goals: a/b >= 1.0 and a/c >= 0.9.", "",
+        "over torchvision ImageFolder + DataLoader (2 workers, the same transforms, PyTorch's default NCHW layout), "
+        "(c) the same loop over tensors decoded in memory, channels-last like tada-train. "
+        "Goals: a/b >= 1.0 and a/c >= 0.9.", "",
         "| backbone | method | processes | (a) tada-train | (b) DataLoader loop | (c) in-memory loop | a/b | a/c "
         "| goals met |",
         "|---|---|---|---|---|---|---|---|---|",

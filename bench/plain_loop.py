@@ -8,8 +8,9 @@ plain torch.optim.SGD and no DeepSpeed, MLflow or checkpoints. Data, as --data s
 
     dataloader  torchvision ImageFolder + DataLoader with 2 workers and the same transforms (resize,
                 random crop, normalise), the way thuml/tllib's examples read their datasets
-    memory      every image decoded and normalised once, batches indexed from tensors in memory:
-                the bound any loader can only approach
+    memory      every image decoded and normalised once, batches indexed from tensors in memory, model
+                in the channels-last memory format tada-train feeds: the bound any loader can only
+                approach
 
 Prints one JSON line on rank 0: images per second over the timed steps (after --warmup steps).
 """
@@ -86,6 +87,9 @@ def main() -> None:
     target_batches = batches(target, config.data.batch_size, world_size, rank, config.seed + 1)
 
     model = model_from_config(config, len(source.classes))
+    # The bound feeds channels-last batches as tada-train does; the DataLoader loop keeps PyTorch's
+    # default layout, as the loops users copy from tllib's examples do.
+    memory_format = torch.channels_last if args.data == "memory" else torch.contiguous_format
     optimizer = torch.optim.SGD(model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
                                 weight_decay=config.optim.weight_decay, nesterov=config.optim.nesterov)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
@@ -98,7 +102,8 @@ def main() -> None:
             started = time.perf_counter()
         model.set_grl_coeff(grl_schedule(progress(step, config.train.steps)))
         source_images, source_labels = next(source_batches)
-        outputs = trained(source_images, next(target_batches)[0] if adapts else None)
+        target_images = next(target_batches)[0].contiguous(memory_format=memory_format) if adapts else None
+        outputs = trained(source_images.contiguous(memory_format=memory_format), target_images)
         loss, _ = tada_objective(outputs, source_labels, weights, method=config.method,
                                  entropy_unit=config.model.entropy_unit)
         optimizer.zero_grad(set_to_none=True)

@@ -139,11 +139,12 @@ class Trainer:
         seed_everything(config.seed)  # identical initial weights on every rank
         model = model_from_config(config, self.num_classes)
         self.memory_format = torch.channels_last if channels_last(self.dist) else torch.contiguous_format
-        if self.memory_format == torch.channels_last:
-            # The feature map then reaches the region discriminators channels-last: their [B, K, C] view
-            # is contiguous in C. cuDNN picks the fastest convolution for the fixed input size.
-            model = model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
+        # Channels-last inputs make every convolution, pooling and BatchNorm output channels-last, so the
+        # feature map reaches the region discriminators with its [B, K, C] view contiguous in C. The
+        # parameters keep the default layout: DeepSpeed broadcasts them as bytes (which needs a last
+        # stride of 1) and flattens them into its optimizer buffers; convolutions take the weight in
+        # either layout. cuDNN picks the fastest convolution for the fixed input size.
+        torch.backends.cudnn.benchmark = self.dist.device.type == "cuda"
         optimizer = create_optimizer(
             model,
             base_lr=config.optim.lr,
