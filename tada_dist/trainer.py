@@ -164,6 +164,10 @@ class Trainer:
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
             )
         self.model = self.engine.module
+        if self.dist.world_size == 1 and self.engine.zero_optimization_stage() == 0 and self.engine.optimizer is optimizer:
+            # One rank has nothing to average, but DeepSpeed's plain (unwrapped optimizer, ZeRO-0) path would
+            # still flatten every gradient, all-reduce it with itself and copy it back, every step.
+            self.engine.enable_backward_allreduce = False
         self.buffer_snapshot = BufferSnapshot(self.model)
         self.input_dtype = torch.bfloat16 if config.distributed.precision == "bf16" else torch.float32
         if self.input_dtype == torch.bfloat16 and self.dist.device.type == "cpu":
