@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,9 @@ def main() -> None:
     parser.add_argument("--report", default="bench/results/pipeline_cpu.md")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run of every way")
     args = parser.parse_args()
+    # The output folder is this benchmark's scratch space: emptied first, so that every run starts fresh
+    # and its MLflow store holds this invocation's runs only.
+    shutil.rmtree(args.output, ignore_errors=True)
 
     rows = []
     for backbone in args.backbones:
