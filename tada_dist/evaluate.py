@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(where)
             print(format_report(accuracy, classes, domain.name))
-            for key in ("a_distance", "tsne", "attention"):
+            if "a_distance" in result:
+                print(f"proxy A-distance: {result['a_distance']:.3f} (0: domains indistinguishable, 2: separable)")
+            for key in ("tsne", "attention"):
                 if key in result:
                     print(f"{key}: {result[key]}")
     return 0
