@@ -1,6 +1,6 @@
 """The textbook digits recipe in plain PyTorch: the reference the project's digits numbers are held to.
 
-    python bench/digits_textbook.py --data-root ../shared/data/digits --method dann --steps 10000 --seed 0
+    python bench/digits_textbook.py --data-root data/digits --method dann --steps 10000 --seed 0
 
 Ganin & Lempitsky (ICML 2015) / Ganin et al. (JMLR 2016) for MNIST -> MNIST-M: conv 5x5 32 -> maxpool
 -> conv 5x5 48 -> maxpool -> 768 features; label predictor FC 100 -> FC 100 -> 10; domain classifier

@@ -36,12 +36,12 @@ def score_checkpoints(run_dir: Path, dist_info) -> list[dict]:
     for tag in sorted(checkpoint.complete_tags(ckpt_dir)):
         if checkpoint.verify(ckpt_dir / tag) is not None:
             continue
-        states = torch.load(ckpt_dir / tag / checkpoint.MODEL_STATES_FILE, map_location="cpu", weights_only=False)
+        weights, step = checkpoint.module_weights(ckpt_dir / tag)
         model = model_from_config(config, len(source.classes), load_pretrained=False)
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()})
+        model.load_state_dict(weights)
         accuracy, predictions = evaluate(model, loader, len(source.classes), device=dist_info.device,
                                          dtype=torch.float32, keep_predictions=True)
-        history.append({"step": int(states.get("step", 0)), "target_acc": accuracy.overall,
+        history.append({"step": step, "target_acc": accuracy.overall,
                         **target_scores(predictions.logits)})
     return history
 
@@ -61,6 +61,8 @@ def main() -> None:
     # "last" is what a user does without any score: keep the final checkpoint; a score earns its place
     # only where it beats that.
     columns = [*scores, "last"]
+    labels = {**{s: f"{s} ({'higher' if HIGHER_IS_BETTER[s] else 'lower'} is better)" for s in scores},
+              "last": "last (no score: the final checkpoint)"}
     rows, regrets, hits = [], {s: [] for s in columns}, {s: 0 for s in columns}
     for run_dir in run_dirs:
         history = score_checkpoints(run_dir, dist_info)
@@ -85,10 +87,8 @@ def main() -> None:
         "| run | target accuracy at each kept step | best | " + " | ".join(columns) + " |",
         "|---|---|---|" + "---|" * len(columns), *rows, "",
         "| score | mean regret (accuracy points below the best) | picked the best |", "|---|---|---|",
-        *[f"| {s} ({'higher' if HIGHER_IS_BETTER[s] else 'lower'} is better) | "
-          f"{statistics.mean(regrets[s]):.2f} | {hits[s]} of {len(rows)} runs |" for s in scores if regrets[s]],
-        f"| last (no score: the final checkpoint) | {statistics.mean(regrets['last']):.2f} | {hits['last']} of "
-        f"{len(rows)} runs |" if regrets["last"] else "", "",
+        *[f"| {labels[s]} | {statistics.mean(regrets[s]):.2f} | {hits[s]} of {len(rows)} runs |"
+          for s in columns if regrets[s]], "",
     ]
     write_report(args.report, lines)
 

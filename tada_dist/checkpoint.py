@@ -264,13 +264,18 @@ def load_latest(engine, output_dir: str | Path, dist_info: DistInfo) -> dict[str
 
 def load_module_weights(output_dir: str | Path) -> tuple[dict[str, Any], int]:
     """The model weights of the newest usable checkpoint (for evaluation, without a DeepSpeed engine)."""
-    import torch
-
     tag_dir = find_resumable(output_dir)
     if tag_dir is None:
         raise FileNotFoundError(
             f"no usable checkpoint in {checkpoint_dir(output_dir)} (expected step<N>/ folders with a {MANIFEST_FILE})"
         )
+    return module_weights(tag_dir)
+
+
+def module_weights(tag_dir: Path) -> tuple[dict[str, Any], int]:
+    """(fp32 model weights, step) of one checkpoint folder."""
+    import torch
+
     states = torch.load(tag_dir / MODEL_STATES_FILE, map_location="cpu", weights_only=False)
     weights = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in states["module"].items()}
     return weights, int(states.get("step", 0))
