@@ -503,6 +503,15 @@ def test_dali_and_torch_train_batches_agree_crop_for_crop(tmp_path):
         torch.testing.assert_close(dali_images, torch_images, atol=1e-5, rtol=0)
         assert torch.equal(memory_images, torch_images)
 
+    # The cache's shortcuts (the whole image when the crop leaves no room, one mean and std for every
+    # channel as the digits config has) give the torch loader's pixels too.
+    whole = TransformSpec(resize=12, crop=12, flip=True, mean=(0.5,) * 3, std=(0.5,) * 3)
+    loaders = [create_train_loader(domain, batch_size=4, transform=whole, rank=0, world_size=1, seed=9,
+                                   **backend_args(backend), num_threads=1) for backend in ("torch", "memory")]
+    for _ in range(3):
+        (torch_images, torch_labels), (memory_images, memory_labels) = (next(loader) for loader in loaders)
+        assert torch.equal(memory_images, torch_images) and torch.equal(memory_labels, torch_labels)
+
     # The crops really are random: one image repeated through a batch is cut in different places.
     (tmp_path / "one" / "c").mkdir(parents=True)
     Image.fromarray(rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)).save(tmp_path / "one" / "c" / "0.png")

