@@ -29,6 +29,7 @@ from torchvision import datasets, transforms
 
 from tada_dist.build import model_from_config, seed_everything
 from tada_dist.config import build_config
+from tada_dist.host_memory import retain_freed_memory
 from tada_dist.losses import LossWeights, tada_objective
 from tada_dist.model import method_parts
 from tada_dist.schedules import grl_schedule, progress
@@ -71,9 +72,13 @@ def main() -> None:
     parser.add_argument("--data", choices=("dataloader", "memory"), required=True)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--retain-host-memory", action="store_true",
+                        help="keep freed host memory in the process, as tada-train does (train.retain_host_memory)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
+    if args.retain_host_memory:
+        retain_freed_memory()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world_size > 1:

@@ -160,6 +160,9 @@ class TrainConfig:
     max_nonfinite_steps: int = _positive(
         10, "a step whose loss is NaN/inf on any rank is skipped; this many in a row stop the run"
     )
+    retain_host_memory: bool = field(default=True, metadata={
+        "doc": "keep freed host memory in the process (glibc malloc), so that CPU steps do not fault their "
+               "buffers in again every step"})
 
 
 @dataclass

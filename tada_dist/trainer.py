@@ -41,6 +41,7 @@ from tada_dist.data import DataError
 from tada_dist.deepspeed_config import deepspeed_config
 from tada_dist.distributed import any_rank, barrier, deepspeed_output, init_distributed
 from tada_dist.evaluation import Accuracy, Evaluator
+from tada_dist.host_memory import retain_freed_memory
 from tada_dist.losses import LossWeights, tada_objective
 from tada_dist.metrics import MetricsLogger, Progress, RunTotals
 from tada_dist.paths import task_name
@@ -122,6 +123,8 @@ class Trainer:
     def __init__(self, config: Config, hooks: StepHooks | None = None):
         self.config = config
         self.hooks = hooks or StepHooks()
+        if config.train.retain_host_memory:
+            retain_freed_memory()
         self.dist = init_distributed(config.distributed.backend)
         try:  # fail now, not at the first forward pass
             tada_kernels.resolve_backend(config.kernels.backend, self.dist.device)
