@@ -121,16 +121,38 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flags: list[bool | torch.Tensor], device: torch.device) -> list[bool]:
-    """Each flag OR-ed over all ranks, in one small all-reduce, so that every rank takes the same branch.
+class Verdict:
+    """Flags OR-ed over all ranks, on their way: result() waits for the all-reduce (if it has not
+    finished) and gives every rank the same answer."""
+
+    def __init__(self, values: torch.Tensor, work: dist.Work | None):
+        self._values = values
+        self._work = work
+
+    def result(self) -> list[bool]:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return [bool(value) for value in self._values.tolist()]
+
+
+def any_rank_async(flags: list[bool | torch.Tensor], device: torch.device) -> Verdict:
+    """Start OR-ing each flag over all ranks in one small all-reduce; the caller works on meanwhile
+    (the trainer runs its backward pass) and takes the answer with Verdict.result().
 
     A flag may be a one-element tensor on the device (say, "this loss is not finite"): it joins the
     others on the device, so the answer costs a single wait for the device, not one per flag."""
     values = torch.stack([flag.reshape(()).float() if isinstance(flag, torch.Tensor)
                           else torch.tensor(float(flag), device=device) for flag in flags])
+    work = None
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(value) for value in values.tolist()]
+        work = dist.all_reduce(values, op=dist.ReduceOp.MAX, async_op=True)
+    return Verdict(values, work)
+
+
+def any_rank(flags: list[bool | torch.Tensor], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over all ranks, so that every rank takes the same branch."""
+    return any_rank_async(flags, device).result()
 
 
 def average_batchnorm_statistics(model: torch.nn.Module) -> None:

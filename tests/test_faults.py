@@ -288,11 +288,13 @@ from tada_dist.trainer import StepHooks
 spec = os.environ.get("NAN_STEPS", "0")
 inf_weights_at = int(os.environ.get("INF_WEIGHTS_AT", "0"))
 first_micro_step = int(os.environ.get("NAN_MICROSTEP", "1"))
+nan_ranks = {int(r) for r in os.environ.get("NAN_RANKS", os.environ.get("RANK", "0")).split(",")}
 
 class InjectFaults(StepHooks):
     def before_step(self, trainer):
         step = trainer.step + 1
         self.poison = step >= int(spec[:-1]) if spec.endswith("-") else step in {int(s) for s in spec.split(",")}
+        self.poison = self.poison and trainer.dist.rank in nan_ranks
 
     def on_inputs(self, trainer, images, micro_step):
         return images * float("nan") if self.poison and micro_step >= first_micro_step else images
@@ -347,6 +349,26 @@ def test_nan_steps_are_skipped_without_changing_any_state(data, tmp_path, zero_s
     assert record["status"] == "FINISHED"
     assert record["history"]["skipped_steps"] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
     assert [step for step, _ in record["history"]["loss"]] == [1, 2, 4, 5]  # nothing to average at step 3
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(data, tmp_path):
+    """Two processes; only rank 1's loss is NaN at step 3. Rank 0 has already backpropagated its finite
+    loss when the all-ranks verdict arrives: both ranks must still leave weights and momentum as they were."""
+    injector = tmp_path / "inject_nan.py"
+    injector.write_text(NAN_INJECTOR)
+    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
+    overrides = [*train_overrides(data, run_dir, db, 5, every=1), "checkpoint.keep=0"]
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(injector),
+                  *overrides], tmp_path, NAN_STEPS="3", NAN_RANKS="1")
+    assert "step 3: loss is NaN/inf on some rank; step skipped (1 in a row, 1 in this run)" in result.stdout + result.stderr
+
+    before, after, later = saved_state(run_dir, 2), saved_state(run_dir, 3), saved_state(run_dir, 4)
+    assert len(before) == len(after) > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "the skipped step changed the saved state"
+    assert not all(torch.equal(a, b) for a, b in zip(after, later)), "step 4 should train again"
+    record = run_record(db, run_dir)
+    assert record["status"] == "FINISHED" and record["params"]["world_size"] == "2"
+    assert record["history"]["skipped_steps"] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
 
 
 def test_nan_streak_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
