@@ -118,20 +118,19 @@ class MetricsLogger:
         self._window_seconds = 0.0
         self._window_wait = 0.0
 
-    def after_step(self, step: int, terms: dict[str, torch.Tensor] | None, *, seconds: float, data_wait: float,
+    def after_step(self, step: int, terms: dict[str, torch.Tensor] | None, *, started: float, data_wait: float,
                    extra: dict[str, float]) -> None:
-        """Record one optimizer step (terms None: it was skipped) that took `seconds`, of which
-        `data_wait` waiting for batches; `extra` values are logged as they are at the interval."""
+        """Record one optimizer step (terms None: it was skipped) that began at perf_counter() `started`
+        and waited `data_wait` seconds for batches; `extra` values are logged as they are at the
+        interval. The time of this call (logging, progress) counts too, in the next window: throughput
+        is the loop's wall time, as a user's clock sees it."""
         if terms is not None:
             self._means.add(terms)
-        self._window_steps += 1
-        self._window_seconds += seconds
-        self._window_wait += data_wait
-        self.totals.train_seconds += seconds
-        self.totals.images += self.images_per_step
+        self._count(time.perf_counter() - started, data_wait)
         if step % self.log_every and step != self.total_steps:
             self.progress.update(step)
             return
+        logging_started = time.perf_counter()
         metrics = self._means.pop()
         metrics.update(
             images_per_sec=self.images_per_step * self._window_steps / max(self._window_seconds, 1e-9),
@@ -141,3 +140,11 @@ class MetricsLogger:
         self.tracker.log_metrics(metrics, step=step)
         self.progress.update(step, {k: metrics[k] for k in self.SHOWN if k in metrics})
         self._window_steps, self._window_seconds, self._window_wait = 0, 0.0, 0.0
+        self._count(time.perf_counter() - logging_started, 0.0, steps=0)
+
+    def _count(self, seconds: float, data_wait: float, *, steps: int = 1) -> None:
+        self._window_steps += steps
+        self._window_seconds += seconds
+        self._window_wait += data_wait
+        self.totals.train_seconds += seconds
+        self.totals.images += self.images_per_step * steps

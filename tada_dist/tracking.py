@@ -101,7 +101,10 @@ class Tracker:
 
         fresh = {key: float(value) for key, value in metrics.items() if step > self._logged_through.get(key, -1)}
         if fresh:
-            mlflow.log_metrics(fresh, step=step)
+            # Queued to MLflow's logging thread: the training loop does not wait for the store's write
+            # (milliseconds with SQLite). end_run writes out what is queued; metrics lost with a killed
+            # process come after its last checkpoint, and the resumed run logs those steps again.
+            mlflow.log_metrics(fresh, step=step, synchronous=False)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if not self.active:

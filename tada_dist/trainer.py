@@ -366,7 +366,7 @@ class Trainer:
                 started, waited = time.perf_counter(), self._data_wait()
                 terms = self.train_step()
                 self._count_nonfinite(terms is None, progress_display)
-                metrics.after_step(self.step, terms, seconds=time.perf_counter() - started,
+                metrics.after_step(self.step, terms, started=started,
                                    data_wait=self._data_wait() - waited,
                                    extra={"lr": self.optimizer.param_groups[0]["lr"],
                                           "skipped_steps": self.skipped_steps})
