@@ -19,9 +19,9 @@ import ctypes
 import sys
 
 # mallopt(3) parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_TOP_PAD = -2
-_M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
 
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit machines
 _TRIM_THRESHOLD = 2**31 - 1  # an int; in practice never trim
@@ -43,4 +43,4 @@ def retain_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     # Each returns 1 on success; setting the mmap threshold also turns off glibc's dynamic adjustment.
     return all(mallopt(param, value) == 1 for param, value in (
-        (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD)))
+        (M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (M_TOP_PAD, _TOP_PAD)))

@@ -16,11 +16,12 @@ import torch
 if sys.argv[1] == "retain":
     from tada_dist.host_memory import retain_freed_memory
     assert retain_freed_memory()
-else:  # glibc as it starts: 128 KiB mmap and trim thresholds (M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1).
+else:  # glibc as it starts: 128 KiB mmap and trim thresholds.
     # Left alone, glibc moves them as a process frees memory, so how often it gives pages back depends on
     # what the imports did before; pinned, the comparison does not.
+    from tada_dist.host_memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     libc = ctypes.CDLL(None)
-    assert libc.mallopt(-3, 128 * 1024) == 1 and libc.mallopt(-1, 128 * 1024) == 1
+    assert libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024) == 1
 def step():
     buffers = [torch.ones(1024 * 1024) for _ in range(6)]
     del buffers
