@@ -180,6 +180,31 @@ def worker_with_rank(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     raise AssertionError(f"no worker with RANK={rank} under process {launcher.pid}")
 
 
+def signal_between_steps(launcher: subprocess.Popen, signum: int) -> None:
+    """Send `signum` to the launcher while its two workers are held where they are.
+
+    The tiny test run finishes its 40 steps in about a second, less than a loaded machine may take to
+    pass a signal down launcher -> torchrun -> workers; held (SIGSTOP) until SIGTERM is pending in
+    every worker, they cannot finish the run before it arrives, whatever the load."""
+    workers = [worker_with_rank(launcher, rank) for rank in range(2)]
+    for worker in workers:
+        worker.suspend()
+    try:
+        launcher.send_signal(signum)
+        wait_for(lambda: all(sigterm_pending(worker.pid) for worker in workers), timeout=120,
+                 what="SIGTERM to reach every worker")
+    finally:
+        for worker in workers:
+            worker.resume()
+
+
+def sigterm_pending(pid: int) -> bool:
+    """Whether SIGTERM waits for process `pid` (its process-wide or a thread's pending set)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    masks = [int(line.split()[1], 16) for line in status if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask >> (signal.SIGTERM - 1) & 1 for mask in masks)
+
+
 def test_killed_worker_restarts_the_group_and_resumes_exactly(data, reference, tmp_path):
     run_dir, db, log = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "job.log"
     job = start([LOCAL, CONFIG, *job_overrides(data, run_dir, db)], tmp_path, log, NPROC_PER_NODE="2")
@@ -202,7 +227,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_the_same_command_resumes(data
     command = [LOCAL, CONFIG, *job_overrides(data, run_dir, db)]
     job = start(command, tmp_path, tmp_path / "first.log", NPROC_PER_NODE="2")
     wait_for(lambda: checkpoint.latest_step(run_dir) >= 10, timeout=300, what="the checkpoint of step 10", process=job)
-    job.send_signal(signal.SIGTERM)  # to torchrun, as a scheduler would; it passes it to the workers
+    signal_between_steps(job, signal.SIGTERM)  # to torchrun, as a scheduler would; it passes it on
     output = finish_with(job, tmp_path / "first.log", expect=1)  # torchrun itself reports the signal
 
     assert "stopped by SIGTERM at step " in output
@@ -260,7 +285,7 @@ def test_slurm_script_requeues_before_the_time_limit_and_the_requeued_job_resume
 
     job = start(command, tmp_path, tmp_path / "first.log", **slurm)
     wait_for(lambda: checkpoint.latest_step(run_dir) >= 10, timeout=300, what="the checkpoint of step 10", process=job)
-    job.send_signal(signal.SIGUSR1)
+    signal_between_steps(job, signal.SIGUSR1)
     output = finish_with(job, tmp_path / "first.log", expect=1)  # the torchrun agents report the SIGTERM
     assert requeues.read_text() == "requeue 4242\n"
     stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
