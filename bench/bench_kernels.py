@@ -11,6 +11,10 @@ Kernels and their providers (the first named per kernel is the baseline of the "
                        triton   tada_kernels.grouped_mlp(backend="triton")
     entropy_attention  eager    tada_kernels reference (backend="eager"), f channels-last
                        triton
+    attention_pool     eager    tada_kernels.attention_pool(backend="eager"): one bmm over the map
+                       unfused  entropy_attention (triton on a GPU, eager on a CPU), then the mean over
+                                the map: the model's path before attention_pool existed
+                       triton   the fused kernels: h is never written
     attentive_entropy  eager, triton
 
 Modes: forward (autograd recording, as in training), backward (of a recorded graph) and full (both).
@@ -54,6 +58,7 @@ MODES = ("forward", "backward", "full")
 PROVIDERS = {
     "grouped_mlp": ("bmm", "loop", "compile", "triton"),
     "entropy_attention": ("eager", "triton"),
+    "attention_pool": ("eager", "unfused", "triton"),
     "attentive_entropy": ("eager", "triton"),
 }
 MAP_SIDE = 7  # ResNet-50's 7x7 map at 224 pixels: K = 49 regions
@@ -179,6 +184,23 @@ def entropy_attention_problem(provider: str, shape: dict, dtype: torch.dtype, de
     return Problem(forward, [f], grad, _by_mode(forward_bytes, backward_bytes))
 
 
+def attention_pool_problem(provider: str, shape: dict, dtype: torch.dtype, device: torch.device) -> Problem:
+    B, C = shape["B"], shape["C"]
+    f = feature_map(B, C, dtype, device)
+    logits = torch.randn(B, MAP_SIDE * MAP_SIDE, device=device) * 3
+
+    def forward() -> Tensor:
+        if provider == "unfused":
+            return tada_kernels.entropy_attention(f, logits)[0].mean(dim=(2, 3))
+        return tada_kernels.attention_pool(f, logits, backend=provider)[0]
+
+    map_bytes, logit_bytes, pooled_bytes = f.numel() * dtype.itemsize, logits.numel() * 4, B * C * dtype.itemsize
+    forward_bytes = map_bytes + 2 * logit_bytes + pooled_bytes  # read f and logits, write pooled and w
+    backward_bytes = pooled_bytes + logit_bytes + map_bytes  # read d_pooled and the logits, write df
+    grad = torch.randn(B, C, device=device, dtype=dtype)
+    return Problem(forward, [f], grad, _by_mode(forward_bytes, backward_bytes))
+
+
 def attentive_entropy_problem(provider: str, shape: dict, dtype: torch.dtype, device: torch.device) -> Problem:
     n, classes = shape["n"], shape["classes"]
     class_logits = (torch.randn(n, classes, device=device, dtype=dtype) * 3).requires_grad_()
@@ -201,6 +223,7 @@ def _by_mode(forward_bytes: int, backward_bytes: int) -> dict[str, int]:
 PROBLEMS = {
     "grouped_mlp": grouped_mlp_problem,
     "entropy_attention": entropy_attention_problem,
+    "attention_pool": attention_pool_problem,
     "attentive_entropy": attentive_entropy_problem,
 }
 
@@ -208,7 +231,7 @@ PROBLEMS = {
 def shapes(kernel: str, batch_sizes: list[int], hidden: list[int]) -> list[dict]:
     if kernel == "grouped_mlp":
         return [{"B": B, "K": MAP_SIDE**2, "C": CHANNELS, "H": H} for B in batch_sizes for H in hidden]
-    if kernel == "entropy_attention":
+    if kernel in ("entropy_attention", "attention_pool"):
         return [{"B": B, "C": CHANNELS, "H": MAP_SIDE, "W": MAP_SIDE} for B in batch_sizes]
     return [{"n": B, "classes": NUM_CLASSES} for B in batch_sizes]
 
@@ -452,7 +475,7 @@ def write_report(path: Path, args: argparse.Namespace, device: torch.device, mea
               "Command:", "", f"    {shlex.join(['python', *sys.argv])}", "",
               f"Sweep: dtypes {', '.join(args.dtypes)}; batch sizes {args.batch_sizes}; grouped_mlp hidden "
               f"{args.hidden}, K = {MAP_SIDE ** 2}, C = {CHANNELS}, dropout {args.dropout:g}; entropy_attention "
-              f"f [B, {CHANNELS}, {MAP_SIDE}, {MAP_SIDE}]; feature maps {args.layout}; attentive_entropy "
+              f"and attention_pool f [B, {CHANNELS}, {MAP_SIDE}, {MAP_SIDE}]; feature maps {args.layout}; attentive_entropy "
               f"{NUM_CLASSES} classes, n = B. "
               f"Modes: {', '.join(args.modes)}. About {args.rep_ms:g} ms of timed calls per row "
               f"(at least 5). Total wall time {elapsed_s / 60:.1f} min.", "",
@@ -492,7 +515,7 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float,
                         help="seconds; once past, start no further shape (the report says what was left out)")
     parser.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last",
-                        help="memory format of the feature map (grouped_mlp and entropy_attention)")
+                        help="memory format of the feature map (grouped_mlp, entropy_attention, attention_pool)")
     parser.add_argument("--dropout", type=float, default=0.0, help="grouped_mlp dropout in every provider")
     parser.add_argument("--name", help="file stem of the CSV and report (default kernels, or kernels_cpu on a CPU)")
     parser.add_argument("--out-dir", default="bench/results")

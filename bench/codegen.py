@@ -57,7 +57,7 @@ def capture_launches(layout: str, dtype: torch.dtype) -> list[Launch]:
     """Run each op forward and backward on CPU tensors with launches recorded instead of executed."""
     import triton.runtime.jit as jit
 
-    from tada_kernels.ops import attentive_entropy, entropy_attention, grouped_mlp
+    from tada_kernels.ops import attention_pool, attentive_entropy, entropy_attention, grouped_mlp
 
     launches: list[Launch] = []
     current = {"op": ""}
@@ -66,7 +66,7 @@ def capture_launches(layout: str, dtype: torch.dtype) -> list[Launch]:
         launches.append(Launch(self, args, kwargs, current["op"]))
 
     jit.JITFunction.run = record
-    for module in (grouped_mlp, entropy_attention, attentive_entropy):
+    for module in (grouped_mlp, entropy_attention, attention_pool, attentive_entropy):
         module.resolve_backend = lambda backend, device: "triton"
         module.interpreting = lambda: False
 
@@ -89,6 +89,11 @@ def capture_launches(layout: str, dtype: torch.dtype) -> list[Launch]:
     logits = torch.randn(BATCH, K, requires_grad=True)
     h, w = entropy_attention.entropy_attention(f, logits, detach=False)
     torch.autograd.backward([h, w], [torch.ones_like(h), torch.ones_like(w)])
+
+    current["op"] = "attention_pool"  # the model's path with average pooling: h is never written
+    f = feature_map.detach().requires_grad_()
+    pooled, w = attention_pool.attention_pool(f, logits, detach=False)
+    torch.autograd.backward([pooled, w], [torch.ones_like(pooled), torch.ones_like(w)])
 
     current["op"] = "attentive_entropy"
     class_logits = torch.randn(2 * BATCH, CLASSES, dtype=dtype, requires_grad=True)

@@ -110,7 +110,7 @@ fi
 SHAPE=(--batch-sizes 64 --hidden 1024 --dtypes bf16 --out-dir "$OUT_DIR")
 run_stage bench_kernels 70 "$PYTHON" bench/bench_kernels.py "${SHAPE[@]}" --time-limit 50
 run_stage kernels_nchw 50 "$PYTHON" bench/bench_kernels.py "${SHAPE[@]}" --layout nchw --dropout 0.5 \
-    --kernels grouped_mlp entropy_attention --modes full --name kernels_nchw_dropout --time-limit 35
+    --kernels grouped_mlp entropy_attention attention_pool --modes full --name kernels_nchw_dropout --time-limit 35
 run_stage bench_step 60 "$PYTHON" bench/bench_step.py --out-dir "$OUT_DIR"
 if "$PYTHON" -c 'import deepspeed' 2>/dev/null; then
     run_stage profile_step 60 "$PYTHON" bench/profile_step.py --config configs/default.yaml --steps 10 --warmup 5 \

@@ -1,4 +1,5 @@
-"""tada_kernels: the TADA-specific ops (region discriminators, entropy attention, attentive entropy).
+"""tada_kernels: the TADA-specific ops (region discriminators, entropy attention with or without the
+average pooling that follows it, attentive entropy).
 
 Each op lives in its own module under ops/ with one public function, its fused Triton kernels with their
 launchers and torch.autograd.Function, and the eager PyTorch reference; `backend=` picks the
@@ -13,6 +14,7 @@ import importlib
 from .options import ATTENTION_FORMS, BACKENDS, ENTROPY_UNITS
 
 _LAZY = {
+    "attention_pool": ".ops.attention_pool",
     "attentive_entropy": ".ops.attentive_entropy",
     "attention_coefficients": ".ops.entropy_attention",
     "binary_entropy_with_logits": ".ops.entropy_attention",

@@ -258,6 +258,43 @@ def test_entropy_attention_rejects_unknown_form_and_unit():
         entropy_attention(f, logits, unit="dits")
 
 
+# -- attention_pool ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("detach", [True, False], ids=["detach", "attached"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("form, unit", [("paper", "nats"), ("uncertainty", "bits")])
+def test_attention_pool_is_the_mean_of_the_attended_map_with_its_gradients(form, unit, memory_format, detach):
+    f = torch.randn(3, 6, 4, 5).contiguous(memory_format=memory_format).requires_grad_()
+    logits = (torch.randn(3, 20) * 3).requires_grad_()
+    f2, logits2 = f.detach().clone().requires_grad_(), logits.detach().clone().requires_grad_()
+    pooled, w = tada_kernels.attention_pool(f, logits, detach=detach, form=form, unit=unit)
+    h, w2 = entropy_attention(f2, logits2, detach=detach, form=form, unit=unit)
+    torch.testing.assert_close(pooled, h.mean(dim=(2, 3)))
+    torch.testing.assert_close(w, w2)
+    upstream = torch.randn(3, 6)
+    (pooled * upstream).sum().backward()
+    (h.mean(dim=(2, 3)) * upstream).sum().backward()
+    torch.testing.assert_close(f.grad, f2.grad)
+    assert (logits.grad is None) == detach
+    if not detach:
+        torch.testing.assert_close(logits.grad, logits2.grad)
+
+
+def test_attention_pool_keeps_bf16_features_bf16():
+    f = torch.randn(2, 3, 2, 2, dtype=torch.bfloat16)
+    pooled, w = tada_kernels.attention_pool(f, torch.zeros(2, 4))
+    assert pooled.dtype == torch.bfloat16 and w.dtype == torch.float32
+    torch.testing.assert_close(pooled, ((2 - LN2) * f.float()).mean(dim=(2, 3)).bfloat16())
+
+
+def test_attention_pool_rejects_a_map_and_logits_that_do_not_match():
+    with pytest.raises(ValueError, match=r"attention_pool: logits must be \[B, H\*W\] = \[2, 6\], got \[2, 5\]"):
+        tada_kernels.attention_pool(torch.randn(2, 3, 2, 3), torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"attention_pool: f must be \[B, C, H, W\], got \[2, 3, 6\]"):
+        tada_kernels.attention_pool(torch.randn(2, 3, 6), torch.randn(2, 6))
+
+
 def test_entropy_attention_shape_errors():
     with pytest.raises(ValueError, match=r"f must be \[B, C, H, W\], got \[2, 3, 4\]"):
         entropy_attention(torch.randn(2, 3, 4), torch.randn(2, 4))

@@ -20,7 +20,7 @@ import triton.language as tl
 from tada_dist.data.synthetic import ensure_synthetic_dataset
 from tada_dist.losses import LossWeights, tada_objective
 from tada_dist.model import GradientReversal, create_model
-from tada_kernels import attentive_entropy, entropy_attention, grouped_mlp
+from tada_kernels import attention_pool, attentive_entropy, entropy_attention, grouped_mlp
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -300,6 +300,60 @@ def test_entropy_attention_saturated_logits_are_finite():
     assert w[0, 0].item() == 1.0 and w[0, 1].item() == 1.0
     assert w[0, 2].item() == pytest.approx(1 - math.log(2), abs=1e-6)
     assert logits.grad[0, :2].abs().max().item() < 1e-30  # dw/dz = z s (1 - s) vanishes at saturation
+
+
+# -- attention_pool ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("detach", [True, False], ids=["detach", "attached"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_attention_pool_matches_the_mean_of_the_float64_attended_map(memory_format, dtype, detach):
+    # 37 channels over two channel tiles and 35 regions over three region tiles, none of them full.
+    B, C, H, W = 3, 37, 5, 7
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(B, C, H, W, generator=g).to(DEVICE, dtype).contiguous(memory_format=memory_format)
+    logits = (torch.randn(B, H * W, generator=g) * 4).to(DEVICE).requires_grad_()
+    f.requires_grad_()
+    f64, logits64 = float64_copies([f, logits])
+
+    pooled, w = attention_pool(f, logits, detach=detach, backend="triton")
+    h64, w64 = reference_attention(f64, logits64 if not detach else logits64.detach())
+    pooled64 = h64.mean(dim=(2, 3))
+    assert pooled.shape == (B, C) and pooled.dtype == dtype and w.dtype == torch.float32
+    assert w.requires_grad == (not detach)
+    assert_matches(pooled, pooled64, dtype, "pooled")
+    assert_matches(w, w64, torch.float32, "w")
+
+    grad_pooled = torch.randn(B, C, generator=g, dtype=torch.float64)
+    grad_w = torch.randn(B, H * W, generator=g, dtype=torch.float64)
+    outputs, outputs64 = ([pooled], [pooled64]) if detach else ([pooled, w], [pooled64, w64])
+    upstream = [grad_pooled, grad_w][: len(outputs)]
+    torch.autograd.backward(outputs, [u.to(DEVICE, o.dtype) for u, o in zip(upstream, outputs)])
+    torch.autograd.backward(outputs64, [u.to(o.dtype) for u, o in zip(upstream, outputs64)])
+    assert f.grad.is_contiguous(memory_format=memory_format) and f.grad.dtype == dtype
+    assert_matches(f.grad, f64.grad, dtype, "grad of f")
+    assert_gradient_unless_detached(logits, logits64, detach, dtype, "grad of logits")
+
+
+@pytest.mark.parametrize(("form", "unit"), [("paper", "bits"), ("uncertainty", "nats")])
+def test_attention_pool_forms_and_units_match_float64_reference(form, unit):
+    B, C, H, W = 2, 19, 7, 7
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(B, C, H, W, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    logits = (torch.randn(B, H * W, generator=g) * 4).to(DEVICE).requires_grad_()
+    f.requires_grad_()
+    f64, logits64 = float64_copies([f, logits])
+
+    pooled, w = attention_pool(f, logits, detach=False, form=form, unit=unit, backend="triton")
+    h64, w64 = reference_attention(f64, logits64, form, unit)
+    pooled64 = h64.mean(dim=(2, 3))
+    assert_matches(pooled, pooled64, torch.float32, "pooled")
+    assert_matches(w, w64, torch.float32, "w")
+    pooled.backward(torch.ones_like(pooled))
+    pooled64.backward(torch.ones_like(pooled64))
+    assert_matches(f.grad, f64.grad, torch.float32, "grad of f")
+    assert_matches(logits.grad, logits64.grad, torch.float32, "grad of logits")
 
 
 # -- attentive_entropy ------------------------------------------------------------------------

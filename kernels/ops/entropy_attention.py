@@ -72,13 +72,8 @@ def entropy_attention(
     practice for conditioning weights): h then carries no gradient to logits.
     """
     offset, slope = attention_coefficients(form, unit)
-    if f.dim() != 4:
-        raise ValueError(f"entropy_attention: f must be [B, C, H, W], got {list(f.shape)}")
+    check_attention_inputs("entropy_attention", f, logits)
     batch, _, height, width = f.shape
-    if tuple(logits.shape) != (batch, height * width):
-        raise ValueError(
-            f"entropy_attention: logits must be [B, H*W] = [{batch}, {height * width}], got {list(logits.shape)}"
-        )
     if resolve_backend(backend, f.device) == "triton":
         return _EntropyAttention.apply(f, logits, detach, offset, slope)
 
@@ -89,6 +84,15 @@ def entropy_attention(
     # Multiply in fp32, hand back f's dtype: h feeds the rest of the network, which may run in bf16.
     h = (scale * f.float()).to(f.dtype)
     return h, weights
+
+
+def check_attention_inputs(op: str, f: Tensor, logits: Tensor) -> None:
+    """One-line errors for a feature map that is not [B, C, H, W] or logits that are not [B, H*W]."""
+    if f.dim() != 4:
+        raise ValueError(f"{op}: f must be [B, C, H, W], got {list(f.shape)}")
+    batch, _, height, width = f.shape
+    if tuple(logits.shape) != (batch, height * width):
+        raise ValueError(f"{op}: logits must be [B, H*W] = [{batch}, {height * width}], got {list(logits.shape)}")
 
 
 # -- Triton kernels ---------------------------------------------------------------------------
@@ -176,6 +180,38 @@ def _grid(f: Tensor, settings: dict) -> tuple[int, int, int]:
     return B, triton.cdiv(H * W, settings["BLOCK_R"]), triton.cdiv(C, settings["BLOCK_C"])
 
 
+def save_for_attention_backward(ctx, logits: Tensor, f: Tensor, weights: Tensor, detach: bool, offset: float,
+                                slope: float) -> None:
+    """What the backward of an attention op (this one, attention_pool) needs: the logits, and f only
+    when the logits get a gradient; w is cut from the graph under `detach`."""
+    ctx.detach = detach
+    ctx.coefficients = (offset, slope)
+    ctx.logits_dtype = logits.dtype
+    ctx.save_for_backward(logits, None if detach else f)
+    if detach:
+        ctx.mark_non_differentiable(weights)
+
+
+def launch_attention_backward(ctx, kernel, grid, settings: dict, grad: Tensor, grad_w: Tensor | None,
+                              grad_f: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Run an attention op's backward kernel (both take the same arguments, `grad` being the gradient of
+    h or of the pooled features) into `grad_f`; (grad_f, grad of the logits or None under `detach`).
+    Each channel tile writes its share of the logits' gradient to its own row of a buffer summed here."""
+    logits, f = ctx.saved_tensors
+    batch, channels, _, width = grad_f.shape
+    regions = logits.shape[1]
+    partial = None
+    if not ctx.detach:
+        partial = torch.empty(grid[2], batch, regions, device=grad.device, dtype=torch.float32)
+        grad_w = grad_w.float().contiguous() if grad_w is not None else torch.zeros_like(partial[0])
+    features = grad_f if f is None else f  # f is only read for the logits' gradient
+    kernel[grid](
+        grad, *grad.stride(), features, *features.stride(), logits, *logits.stride(), grad_f, *grad_f.stride(),
+        grad_w, partial, batch, channels, regions, width, *ctx.coefficients, LOGIT_GRAD=not ctx.detach, **settings,
+    )
+    return grad_f, None if ctx.detach else partial.sum(0).to(ctx.logits_dtype)
+
+
 class _EntropyAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, logits, detach: bool, offset: float, slope: float):
@@ -187,30 +223,14 @@ class _EntropyAttention(torch.autograd.Function):
             f, *f.stride(), logits, *logits.stride(), h, *h.stride(), weights, C, H * W, W, offset, slope,
             **settings,
         )
-        ctx.detach = detach
-        ctx.coefficients = (offset, slope)
-        ctx.logits_dtype = logits.dtype
-        ctx.save_for_backward(logits, None if detach else f)
-        if detach:
-            ctx.mark_non_differentiable(weights)
+        save_for_attention_backward(ctx, logits, f, weights, detach, offset, slope)
         return h, weights
 
     @staticmethod
     def backward(ctx, grad_h, grad_w):
-        logits, f = ctx.saved_tensors
-        B, C, H, W = grad_h.shape
         settings = _launch_settings()
-        grid = _grid(grad_h, settings)
-        grad_f = torch.empty_like(grad_h)
-        partial = None
-        if not ctx.detach:
-            partial = torch.empty(grid[2], B, H * W, device=grad_h.device, dtype=torch.float32)
-            grad_w = grad_w.float().contiguous()
-        features = grad_h if f is None else f  # f is only read for the logits' gradient
-        _entropy_attention_backward_kernel[grid](
-            grad_h, *grad_h.stride(), features, *features.stride(),
-            logits, *logits.stride(), grad_f, *grad_f.stride(), grad_w, partial,
-            B, C, H * W, W, *ctx.coefficients, LOGIT_GRAD=not ctx.detach, **settings,
+        grad_f, grad_logits = launch_attention_backward(
+            ctx, _entropy_attention_backward_kernel, _grid(grad_h, settings), settings, grad_h, grad_w,
+            torch.empty_like(grad_h),
         )
-        grad_logits = None if ctx.detach else partial.sum(0).to(ctx.logits_dtype)
         return grad_f, grad_logits, None, None, None

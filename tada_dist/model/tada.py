@@ -163,21 +163,20 @@ class TADA(nn.Module):
                 f"for a {self.map_size[0]}x{self.map_size[1]} map (K = {self.num_regions}); create the model "
                 "with the image_size you feed it"
             )
-        region_logits = None
-        if self.parts.local_attention:
-            feature_map, region_logits = self._local_attention(feature_map)
-        pooled = feature_map.mean(dim=(2, 3)) if self.pooling == "avg" else feature_map.flatten(1)
-        return self.bottleneck(pooled), region_logits
-
-    def _local_attention(self, feature_map: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.parts.local_attention:
+            pooled = feature_map.mean(dim=(2, 3)) if self.pooling == "avg" else feature_map.flatten(1)
+            return self.bottleneck(pooled), None
         # [B, C, h, w] -> [B, K, C] as a strided view (no copy; contiguous for a channels-last map).
         regions = self.local_grl(feature_map).flatten(2).transpose(1, 2)
         region_logits = self.region_discriminators(regions)
-        attended, _ = tada_kernels.entropy_attention(
-            feature_map, region_logits, detach=self.detach_attention, form=self.attention, unit=self.entropy_unit,
-            backend=self.kernels_backend,
-        )
-        return attended, region_logits
+        attention = dict(detach=self.detach_attention, form=self.attention, unit=self.entropy_unit,
+                         backend=self.kernels_backend)
+        if self.pooling == "avg":  # h = (1 + w) * f is only averaged: pool it without writing it
+            pooled, _ = tada_kernels.attention_pool(feature_map, region_logits, **attention)
+        else:
+            attended, _ = tada_kernels.entropy_attention(feature_map, region_logits, **attention)
+            pooled = attended.flatten(1)
+        return self.bottleneck(pooled), region_logits
 
 
 # Region discriminator width when none is given: the paper's 1024 for ResNets, smaller for the
