@@ -31,6 +31,7 @@ import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,9 +139,15 @@ def _remove_partial_saves(ckpt_dir: Path) -> None:
 
 
 def _write_manifest(tag_dir: Path, step: int, run: dict[str, Any]) -> None:
+    paths = [path for path in sorted(tag_dir.rglob("*")) if path.is_file()]
+    # The other ranks wait at a barrier while rank 0 hashes: hash the files side by side (hashlib
+    # releases the GIL on large blocks), as many at once as there are cores to read them with.
+    workers = max(1, min(len(paths), len(os.sched_getaffinity(0)), 8))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = list(pool.map(_sha256, paths))
     files = {
-        str(path.relative_to(tag_dir)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        for path in sorted(tag_dir.rglob("*")) if path.is_file()
+        str(path.relative_to(tag_dir)): {"bytes": path.stat().st_size, "sha256": digest}
+        for path, digest in zip(paths, digests)
     }
     _write_atomically(tag_dir / MANIFEST_FILE, json.dumps({"step": step, "run": run, "files": files}, indent=1))
 
