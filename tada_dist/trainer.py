@@ -325,6 +325,7 @@ class Trainer:
             "mlflow_run_id": self.tracker.run_id,
             "evaluations": self.analyst.history,  # the selection summary spans every session of the run
         }
+        self.tracker.flush()  # every step up to this checkpoint is in the store (or on its way) before it exists
         return self.checkpointer.save(self.engine, self.model, self.step, client_state)
 
     # -- the loop -------------------------------------------------------------------------------

@@ -50,3 +50,35 @@ def test_resumed_tracker_continues_the_same_run(tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "target_acc")] == [(2, 50.0)]
     experiment = client.get_experiment_by_name("exp")
     assert Path(experiment.artifact_location.removeprefix("file://")) == tmp_path / "mlartifacts"
+
+
+def test_metrics_reach_the_store_in_batches_and_all_of_them_by_flush_and_finish(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    tracker = Tracker(active=True, uri=uri, experiment="exp")
+    tracker.start(run_id=None, run_name="r", system_metrics=False, tags={})
+
+    def stored(key: str = "loss") -> list[tuple[int, float]]:
+        mlflow.flush_async_logging()  # what is handed over is queued to MLflow's logging thread
+        return sorted((m.step, m.value) for m in client.get_metric_history(tracker.run_id, key))
+
+    monkeypatch.setattr(Tracker, "FLUSH_SECONDS", 3600.0)
+    for step in (1, 2, 3):
+        tracker.log_metrics({"loss": 1.0 / step}, step=step)
+    assert stored() == []  # within the interval, nothing is written yet
+    tracker.flush()  # as before a checkpoint
+    assert stored() == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+
+    monkeypatch.setattr(Tracker, "FLUSH_SECONDS", 0.0)  # past the interval: written as it is logged
+    tracker.log_metrics({"loss": 0.25}, step=4)
+    assert stored()[-1] == (4, 0.25)
+
+    monkeypatch.setattr(Tracker, "FLUSH_SECONDS", 3600.0)
+    tracker.log_metrics({"loss": 0.2, "target_acc": 60.0}, step=5)
+    run_id = tracker.run_id
+    tracker.finish()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "target_acc")] == [(5, 60.0)]
+    assert client.get_run(run_id).info.status == "FINISHED"
