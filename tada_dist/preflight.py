@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +41,21 @@ def run_record(config: Config, world_size: int) -> dict[str, Any]:
 
 
 def check_output_dir(output_dir: Path) -> None:
-    """Write a file in the folder (creating it for the test), or fail naming the folder. Folders made
-    for the test are removed again: a run that fails later to start leaves nothing behind."""
-    created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
-    probe = output_dir / f".write-test-{os.getpid()}"
+    """Write a file in the folder, or in the nearest of its parents that exists, or fail naming the
+    folder. Nothing is created for the test: every rank of a job runs this check at the same moment,
+    and a folder one of them made and removed again could vanish under another's probe."""
+    existing = next(folder for folder in (output_dir, *output_dir.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir {output_dir} is not writable ({existing} is a file, not a folder); "
+                          "choose another with output_dir=...")
+    probe = existing / f".write-test-{uuid.uuid4().hex}"  # unique across the nodes of a shared file system
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as error:
         raise ConfigError(
             f"output_dir {output_dir} is not writable ({error.strerror or error}); choose another with output_dir=..."
         ) from None
-    finally:
-        for folder in created:  # deepest first
-            try:
-                folder.rmdir()
-            except OSError:
-                break  # another process of the job already uses it
 
 
 def check_tracking(config: Config) -> None:

@@ -171,13 +171,19 @@ def test_two_nodes_with_their_own_addresses(data, reference, tmp_path, network_n
 
 
 def worker_with_rank(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    """The worker process of `rank`: the topmost tada_dist.train process with that RANK. A worker's own
+    children have its environment and, until they exec, its command line too (a subprocess it starts)."""
+    matches = {}
     for child in psutil.Process(launcher.pid).children(recursive=True):
         try:
             if child.environ().get("RANK") == str(rank) and "tada_dist.train" in " ".join(child.cmdline()):
-                return child
+                matches[child.pid] = child
         except psutil.NoSuchProcess:
             continue
-    raise AssertionError(f"no worker with RANK={rank} under process {launcher.pid}")
+    workers = [process for process in matches.values() if process.ppid() not in matches]
+    if len(workers) != 1:
+        raise AssertionError(f"{len(workers)} workers with RANK={rank} under process {launcher.pid}, expected one")
+    return workers[0]
 
 
 def signal_between_steps(launcher: subprocess.Popen, signum: int) -> None:
@@ -195,12 +201,19 @@ def signal_between_steps(launcher: subprocess.Popen, signum: int) -> None:
                  what="SIGTERM to reach every worker")
     finally:
         for worker in workers:
-            worker.resume()
+            try:
+                worker.resume()
+            except psutil.NoSuchProcess:
+                pass  # ended while held: the run's output and exit code tell why
 
 
 def sigterm_pending(pid: int) -> bool:
-    """Whether SIGTERM waits for process `pid` (its process-wide or a thread's pending set)."""
-    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    """Whether SIGTERM waits for process `pid` (its process-wide or a thread's pending set); a process
+    that has ended waits for nothing."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return True
     masks = [int(line.split()[1], 16) for line in status if line.startswith(("SigPnd:", "ShdPnd:"))]
     return any(mask >> (signal.SIGTERM - 1) & 1 for mask in masks)
 

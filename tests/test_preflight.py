@@ -29,8 +29,8 @@ def test_an_output_dir_that_cannot_be_created_is_named(tmp_path):
     blocker.write_text("")
     message = one_line_error(check_output_dir, blocker / "run")
     assert message.startswith(f"output_dir {blocker / 'run'} is not writable") and "output_dir=..." in message
-    check_output_dir(tmp_path / "fresh" / "run")  # created for the test, then removed again
-    assert not (tmp_path / "fresh").exists()
+    check_output_dir(tmp_path / "fresh" / "run")  # probed in its nearest parent: nothing created
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
     (tmp_path / "kept").mkdir()
     check_output_dir(tmp_path / "kept")
     assert (tmp_path / "kept").is_dir() and not list((tmp_path / "kept").iterdir())
